@@ -1,0 +1,147 @@
+"""Depth expert: MiDaS v3 DPT-Hybrid (Ranftl et al., ICCV 2021) through transformers, as Prismer uses it.
+
+Prismer (``experts/generate_depth.py``) squashes every image to 480×480 (PIL bilinear, aspect not kept),
+normalises to [-1, 1], predicts relative inverse depth (bright = near), min-max normalises it per image,
+upsamples it to the original size (bilinear, ``align_corners=True``) and stores ``255*d`` cast by PIL to L8
+(clip to [0, 255], then truncation). This expert writes the same L8 map.
+
+Weights (``config["weights"]``, resolved by :func:`expert_zoo.weights.resolve_weights`):
+
+* a directory, e.g. the default ``hf-hub:Intel/dpt-hybrid-midas`` snapshot: a transformers
+  ``DPTForDepthEstimation`` saved with ``save_pretrained``;
+* a file (path, URL or ``hf-hub:`` file, e.g. MiDaS' ``dpt_hybrid-midas-501f0c75.pt``): the original
+  checkpoint, mapped by :mod:`expert_zoo.convert_dpt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.torch_utils import inference, normalized_batch, resize_bilinear_aligned, resolve_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "hf-hub:Intel/dpt-hybrid-midas"
+INPUT_SIZE = (480, 480)
+MEAN = STD = (0.5, 0.5, 0.5)  # Normalize(0.5, 0.5): RGB in [-1, 1]
+
+
+class DPTHybridDepth(Expert):
+    """``depth:dpt_hybrid``: L8 map of per-image min-max inverse depth (bright = near), Prismer-compatible.
+
+    Options: ``weights`` (see module doc), ``sha256`` (checked for single-file weights), ``dtype``
+    (``auto`` = bf16 autocast on CUDA, fp32 on CPU; or ``float32`` / ``bfloat16`` / ``float16``).
+    """
+
+    spec = ExpertSpec(
+        task="depth",
+        backend="dpt_hybrid",
+        version="1",
+        mode="L",
+        batch_size=16,
+        input_size=INPUT_SIZE,
+        uses_gpu=True,
+    )
+
+    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        super().__init__(config, device)
+        from expert_zoo.weights import resolve_weights
+
+        self.torch_device = resolve_device(device)
+        self.dtype = str(self.config.get("dtype", "auto"))
+        source = str(self.config.get("weights", DEFAULT_WEIGHTS))
+        path = resolve_weights(source, expert=self.spec.name, sha256=self.config.get("sha256"))
+        started = time.perf_counter()
+        if path.is_dir():
+            self.model, self.weights_digest = _load_transformers_dir(path)
+        else:
+            self.model, self.weights_digest = _load_original_checkpoint(path)
+        from expert_zoo.convert_dpt import allow_input_size
+
+        allow_input_size(self.model, INPUT_SIZE)
+        self.model.to(self.torch_device).eval()
+        if self.torch_device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        logger.info("loaded %s from %s in %.1f s", self.spec.name, path, time.perf_counter() - started)
+
+    # -- stages, public so tests and the detection expert can reuse them -----------------------
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """H×W×3 uint8 RGB arrays → N×3×480×480 float32 in [-1, 1] on the expert's device."""
+        return normalized_batch(images, INPUT_SIZE, MEAN, STD, self.torch_device)
+
+    def inverse_depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """N×3×480×480 normalised input → N×480×480 float32 relative inverse depth (≥ 0, bright = near)."""
+        pixel_values = pixel_values.to(self.torch_device)
+        if self.torch_device.type == "cuda":
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        with inference(self.torch_device, self.dtype):
+            depth = self.model(pixel_values=pixel_values).predicted_depth
+        return depth.float()
+
+    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
+        labels: list[Label] = []
+        for start in range(0, len(images), self.spec.batch_size):
+            chunk = images[start : start + self.spec.batch_size]
+            depth = self.inverse_depth(self.preprocess(chunk))
+            labels.extend(Label(map=depth_to_label(d, image.shape[:2])) for d, image in zip(depth, chunk))
+        return labels
+
+
+def depth_to_label(depth: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One h×w inverse-depth map → H×W uint8, exactly as Prismer writes it.
+
+    ``(d-min)/(max-min)`` at network resolution, bilinear (``align_corners=True``) to ``size``, ``255*d``,
+    then PIL's float→L conversion, which clips to [0, 255] and truncates. A constant map (max == min) gives
+    NaN in the original, which PIL turns into 0; it is written as all zeros here.
+    """
+    depth = depth.float()
+    low, high = depth.min(), depth.max()
+    span = high - low
+    if not bool(torch.isfinite(span)) or float(span) <= 0.0:
+        return np.zeros(size, dtype=np.uint8)
+    normalised = (depth - low) / span
+    upsampled = resize_bilinear_aligned(normalised[None, None], tuple(size))[0, 0]
+    return (255 * upsampled).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _load_transformers_dir(path: Path) -> tuple[torch.nn.Module, str]:
+    from transformers import DPTForDepthEstimation
+
+    model = DPTForDepthEstimation.from_pretrained(path, dtype=torch.float32)
+    if not model.config.is_hybrid:
+        raise ValueError(f"{path} holds a non-hybrid DPT; depth:dpt_hybrid needs a DPT-Hybrid model")
+    return model, _directory_digest(path)
+
+
+def _load_original_checkpoint(path: Path) -> tuple[torch.nn.Module, str]:
+    from expert_zoo.convert_dpt import build_model
+    from expert_zoo.weights import file_sha256
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} is not a state dict (got {type(checkpoint).__name__})")
+    return build_model(checkpoint), file_sha256(path)
+
+
+def _directory_digest(path: Path) -> str:
+    """sha256 over the config and the weight files transformers loads from a model directory."""
+    weight_files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weight_files:
+        raise ValueError(f"no *.safetensors or *.bin weights in {path}")
+    from expert_zoo.weights import file_sha256
+
+    digest = hashlib.sha256()
+    for file in [path / "config.json", *weight_files]:
+        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+__all__ = ["DEFAULT_WEIGHTS", "DPTHybridDepth", "depth_to_label"]

@@ -1,0 +1,226 @@
+"""``obj_detection:owlv2``: open-vocabulary detection with OWLv2, queried with Prismer's 722 UniDet classes.
+
+Prismer's detector (UniDet, Cascade R-CNN over a learned 722-class label space) is replaced by OWLv2
+queried with the same 722 class names, so the ``class_id`` space stays Prismer's (index into
+``expert_zoo/labelmaps/unidet_722_names.json``; the list repeats some names, the index is what counts).
+
+Label: L8 instance map (255 = background, ids 0..253 by descending score) built from the boxes and the
+image's depth label with Prismer's occlusion rule (``expert_zoo.instance_map``), plus JSON
+``[{"instance", "class_id", "score", "box": [x0, y0, x1, y1]}]`` in image pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from expert_zoo._hf import load_label_names, model_dir_digest, resolve_model_dir
+from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.instance_map import DEDUP_IOU, MAX_INSTANCES, depth_ordered_instance_map
+from expert_zoo.torch_utils import inference, resolve_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "hf-hub:google/owlv2-base-patch16-ensemble"
+NUM_CLASSES = 722
+DEFAULTS: dict[str, Any] = {
+    "threshold": 0.3,  # on sigmoid(max query logit); Prismer's UniDet used 0.5 on its own scores
+    "nms_iou": 0.5,  # class-agnostic; OWL predicts one box per patch, so one object yields many
+    "prompt": "a photo of a {}",
+    "split_synonyms": True,  # "footwear, sneakers" → mean of the two prompts' embeddings
+    "pad_value": 0.5,  # OWLv2 pads to a square with grey at the bottom/right
+    "max_candidates": 1000,  # top boxes kept for NMS, bounds its cost at low thresholds
+}
+# CLIP's normalisation (transformers' OPENAI_CLIP_MEAN / STD), which OWLv2 was trained with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_TEXT_CHUNK = 256
+
+
+def class_names() -> list[str]:
+    """Prismer's 722 UniDet class names, index = ``class_id``."""
+    return load_label_names("unidet_722_names.json", NUM_CLASSES)
+
+
+def query_prompts(names: Sequence[str], template: str, split_synonyms: bool) -> tuple[list[str], list[int]]:
+    """Prompt strings and, for each, the class index it describes (several per class with synonyms)."""
+    prompts: list[str] = []
+    owners: list[int] = []
+    for index, name in enumerate(names):
+        parts = [p.strip() for p in name.split(",")] if split_synonyms else [name]
+        for part in [p for p in parts if p] or [name]:
+            prompts.append(template.format(part))
+            owners.append(index)
+    return prompts, owners
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of C×H×W with reflect padding, radius ceil(3σ) (skimage-style anti-aliasing)."""
+    radius = math.ceil(3 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = image.shape[0]
+    out = image[None]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return out[0]
+
+
+def owl_input(image: np.ndarray, size: int, pad_value: float, device: torch.device) -> torch.Tensor:
+    """RGB uint8 H×W×3 → 3×size×size OWLv2 input: [0,1], pad to a square (bottom/right), anti-aliased
+    bilinear resize (Gaussian σ = (factor-1)/2 when shrinking, as OWLv2's preprocessing), CLIP normalise."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+    square = torch.full((3, side, side), pad_value, dtype=torch.float32, device=device)
+    square[:, :height, :width] = pixels
+    factor = side / size
+    if factor > 1 and math.ceil(3 * (factor - 1) / 2) < side:
+        square = _gaussian_blur(square, (factor - 1) / 2)
+    resized = F.interpolate(square[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+    return (resized - mean) / std
+
+
+def boxes_to_pixels(cxcywh: np.ndarray, height: int, width: int) -> np.ndarray:
+    """N×4 normalised ``cx, cy, w, h`` relative to the padded square → ``x0, y0, x1, y1`` image pixels, clipped."""
+    side = max(height, width)
+    cx, cy, w, h = (cxcywh.astype(np.float64) * side).T
+    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    return np.clip(xyxy, 0.0, np.array([width, height, width, height], dtype=np.float64))
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy class-agnostic NMS on continuous boxes; indices kept, by descending score."""
+    order = np.argsort(-scores, kind="stable")
+    boxes = boxes[order]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0.0, None), axis=2)
+    iou = inter / np.maximum(areas[:, None] + areas[None, :] - inter, 1e-12)
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    keep = []
+    for i in range(len(boxes)):  # loop over boxes (≤ max_candidates), each step vectorised
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= iou[i] > iou_threshold
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+class OWLv2Detection(Expert):
+    """OWLv2 (Minderer et al., NeurIPS 2023), ``owlv2-base-patch16-ensemble``, with Prismer's 722 queries.
+
+    Config (defaults in ``DEFAULTS``): ``weights`` (a transformers model dir with its CLIP tokenizer:
+    ``hf-hub:org/repo`` or a local dir), ``threshold``, ``nms_iou`` (≥ 1 disables NMS), ``prompt``
+    (a ``{}`` template), ``split_synonyms``, ``pad_value``, ``max_candidates``, ``batch_size``.
+    The 722 text queries are embedded once, here; each batch only runs the image tower and the heads.
+    """
+
+    spec: ClassVar[ExpertSpec] = ExpertSpec(
+        task="obj_detection",
+        backend="owlv2",
+        version="1",
+        mode="L",
+        has_json=True,
+        batch_size=4,
+        input_size=(960, 960),
+        requires=("depth",),
+        uses_gpu=True,
+    )
+    GPU_BATCH_SIZE: ClassVar[int] = 16
+
+    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        super().__init__(config, device)
+        from transformers import AutoTokenizer, Owlv2ForObjectDetection
+
+        self.options = {**DEFAULTS, **{k: v for k, v in self.config.items() if k in DEFAULTS}}
+        self.torch_device = resolve_device(device)
+        model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
+        self.weights_digest = model_dir_digest(model_dir)
+        model = Owlv2ForObjectDetection.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model = model.eval().to(self.torch_device)
+        self.image_size = int(model.config.vision_config.image_size)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.query_embeds = self._embed_queries(tokenizer, class_names())
+        logger.info("loaded OWLv2 from %s on %s (%d queries)", model_dir, self.torch_device, NUM_CLASSES)
+
+    @property
+    def batch_size(self) -> int:
+        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
+        return int(self.config.get("batch_size", default))
+
+    def _embed_queries(self, tokenizer: Any, names: Sequence[str]) -> torch.Tensor:
+        """NUM_CLASSES×D text embeddings: unit-normalised prompt embeddings averaged per class (float32)."""
+        prompts, owners = query_prompts(names, self.options["prompt"], bool(self.options["split_synonyms"]))
+        max_length = int(self.model.config.text_config.max_position_embeddings)
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        feats = []
+        with torch.inference_mode():  # fp32 even on CUDA: computed once, and it sets every class score
+            for start in range(0, len(prompts), _TEXT_CHUNK):
+                ids = tokens["input_ids"][start : start + _TEXT_CHUNK].to(self.torch_device)
+                mask = tokens["attention_mask"][start : start + _TEXT_CHUNK].to(self.torch_device)
+                feats.append(self.model.owlv2.get_text_features(input_ids=ids, attention_mask=mask).pooler_output)
+            feats = F.normalize(torch.cat(feats).float(), dim=-1)
+            index = torch.tensor(owners, device=self.torch_device)
+            summed = torch.zeros((len(names), feats.shape[1]), device=self.torch_device).index_add_(0, index, feats)
+        # The class head L2-normalises queries itself, so the mean needs no rescaling.
+        return summed / torch.bincount(index, minlength=len(names)).clamp(min=1)[:, None].float()
+
+    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
+        depth_labels = list(deps["depth"])
+        if len(depth_labels) != len(images):
+            raise ValueError(f"got {len(depth_labels)} depth labels for {len(images)} images")
+        labels: list[Label] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            for image, depth, (boxes, classes, scores) in zip(
+                chunk, depth_labels[start : start + self.batch_size], self.detect(chunk)
+            ):
+                if depth.map.shape != image.shape[:2]:
+                    raise ValueError(f"depth label {depth.map.shape} does not match image {image.shape[:2]}")
+                instance_map, records = depth_ordered_instance_map(
+                    boxes, classes, scores, depth.map, dedup_iou=DEDUP_IOU, max_instances=MAX_INSTANCES
+                )
+                labels.append(Label(map=instance_map, data=records))
+        return labels
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per image: (N×4 ``x0, y0, x1, y1`` pixels, N class ids, N scores) after threshold and NMS."""
+        batch = torch.stack([owl_input(im, self.image_size, float(self.options["pad_value"]), self.torch_device) for im in images])
+        with inference(self.torch_device):
+            feature_map, _ = self.model.image_embedder(pixel_values=batch)
+        # The heads are small; fp32 keeps box coordinates and scores near the threshold exact under bf16.
+        with torch.inference_mode():
+            feature_map = feature_map.float()
+            feats = feature_map.flatten(1, 2)
+            queries = self.query_embeds[None].expand(len(images), -1, -1)
+            logits, _ = self.model.class_predictor(feats, queries, None)
+            pred_boxes = self.model.box_predictor(feats, feature_map)
+        best, classes = logits.float().max(-1)
+        scores = best.sigmoid()
+        return [
+            self._select(pred_boxes[i].float(), classes[i], scores[i], image.shape[:2])
+            for i, image in enumerate(images)
+        ]
+
+    def _select(
+        self, boxes: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keep = torch.nonzero(scores >= float(self.options["threshold"])).flatten()
+        keep = keep[scores[keep].argsort(descending=True, stable=True)][: int(self.options["max_candidates"])]
+        boxes_np = boxes_to_pixels(boxes[keep].cpu().numpy(), *size)
+        classes_np = classes[keep].cpu().numpy().astype(np.int64)
+        scores_np = scores[keep].cpu().numpy().astype(np.float64)
+        if float(self.options["nms_iou"]) < 1.0 and len(keep):
+            kept = nms(boxes_np, scores_np, float(self.options["nms_iou"]))
+            boxes_np, classes_np, scores_np = boxes_np[kept], classes_np[kept], scores_np[kept]
+        return boxes_np, classes_np, scores_np

@@ -1,0 +1,125 @@
+"""``edge:dexined``: Prismer's edge expert, DexiNed, with Prismer's pre- and post-processing.
+
+Label: L8, the inverted min-max-normalised edge probability of the fused map (255 = no edge, 0 = the
+image's strongest edge), computed at 480×480 and resized to the image with PIL bilinear, as Prismer's
+``generate_edge.py`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.nets.dexined import DexiNed, width_from_state_dict
+from expert_zoo.torch_utils import IMAGENET_MEAN, inference, normalized_batch, resolve_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "hf-hub:shikunl/prismer/expert_weights/10_model.pth"
+INPUT_SIZE = (480, 480)
+# DexiNed was trained on BGR images on a 0-255 scale, mean-subtracted but not divided by a std.
+_UNIT_STD = (1.0, 1.0, 1.0)
+
+
+def preprocess(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """RGB uint8 images → N×3×480×480 float32 network input, in Prismer's op order.
+
+    Resize (PIL bilinear), ToTensor (/255), subtract the ImageNet mean with std 1, flip RGB→BGR, ×255.
+    The order matters for the last bits: the values are not exactly ``pixel - 255*mean``.
+    """
+    batch = normalized_batch(images, INPUT_SIZE, IMAGENET_MEAN, _UNIT_STD, device)
+    return batch.flip(1).mul_(255.0)
+
+
+def edge_maps(fused_logits: torch.Tensor) -> torch.Tensor:
+    """N×1×H×W fused logits → N×H×W uint8 inverted edge maps (Prismer's ``fuse_edge``, batched).
+
+    sigmoid, per-image ``(x - min) * 255 / ((max - min) + 1e-12)`` in float32, truncation to uint8,
+    then ``255 - v``. Done on the logits' device so only uint8 maps travel back to the host.
+    """
+    prob = torch.sigmoid(fused_logits.float()).flatten(1)
+    low = prob.amin(dim=1, keepdim=True)
+    high = prob.amax(dim=1, keepdim=True)
+    scaled = (prob - low) * 255.0 / ((high - low) + 1e-12)
+    # Values lie in [0, 255]; the float → uint8 cast truncates, as np.uint8 does in the original.
+    edges = 255 - scaled.to(torch.uint8)
+    return edges.view(fused_logits.shape[0], *fused_logits.shape[-2:])
+
+
+def resize_to_image(edge_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an H×W uint8 map to (height, width) with PIL bilinear, as Prismer writes its labels."""
+    height, width = size
+    image = Image.fromarray(edge_map).convert("L")
+    return np.asarray(image.resize((width, height), Image.BILINEAR))
+
+
+def load_dexined(state_dict: Mapping[str, torch.Tensor]) -> DexiNed:
+    """Build a DexiNed of the checkpoint's width and load it strictly (Prismer's checkpoint: width 1)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"expected a DexiNed state dict, got {type(state_dict).__name__}")
+    model = DexiNed(width=width_from_state_dict(dict(state_dict)))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+class DexiNedEdge(Expert):
+    """Prismer's edge expert: DexiNed (Soria et al., WACV 2020), BIPED-trained weights ``10_model.pth``.
+
+    Config: ``weights`` (source for ``resolve_weights``, default Prismer's file on the hub), optional
+    ``sha256`` to verify it, and ``batch_size`` (images per forward; default ``spec.batch_size`` on CPU,
+    ``GPU_BATCH_SIZE`` on CUDA).
+    """
+
+    spec: ClassVar[ExpertSpec] = ExpertSpec(
+        task="edge",
+        backend="dexined",
+        version="1",
+        mode="L",
+        batch_size=8,
+        input_size=INPUT_SIZE,
+        uses_gpu=True,
+    )
+    GPU_BATCH_SIZE: ClassVar[int] = 64
+
+    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        super().__init__(config, device)
+        from expert_zoo.weights import file_sha256, resolve_weights
+
+        self.torch_device = resolve_device(device)
+        source = self.config.get("weights", DEFAULT_WEIGHTS)
+        path = resolve_weights(source, expert=self.spec.name, sha256=self.config.get("sha256"))
+        self.weights_digest = file_sha256(path)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        self.model = load_dexined(state_dict).to(self.torch_device)
+        if self.torch_device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        logger.info("loaded DexiNed (width %s) from %s on %s", self.model.width, path, self.torch_device)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass: the ``batch_size`` option, else a per-device default."""
+        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
+        return int(self.config.get("batch_size", default))
+
+    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
+        labels: list[Label] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            maps = self._edge_maps(chunk)
+            labels += [Label(map=resize_to_image(m, image.shape[:2])) for m, image in zip(maps, chunk)]
+        return labels
+
+    def _edge_maps(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """N×480×480 uint8 inverted edge maps for a batch of RGB images."""
+        batch = preprocess(images, self.torch_device)
+        if self.torch_device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with inference(self.torch_device):
+            fused = self.model(batch)[-1]
+        return edge_maps(fused).cpu().numpy()

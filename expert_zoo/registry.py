@@ -1,0 +1,91 @@
+"""Registry: ``task:backend`` → expert class, resolved lazily so unused backends import nothing."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from expert_zoo.base import Expert, ExpertRequest
+
+# "task:backend" -> "module:Class". The first backend listed for a task is its default.
+_REGISTRY: dict[str, str] = {
+    "depth:dpt_hybrid": "expert_zoo.depth:DPTHybridDepth",
+    "normal:nll_angmf": "expert_zoo.normal:NLLAngMFNormal",
+    "edge:dexined": "expert_zoo.edge:DexiNedEdge",
+    "edge:canny": "expert_zoo.canny:CannyEdge",
+    "seg_coco:mask2former": "expert_zoo.segmentation:Mask2FormerCOCO",
+    "obj_detection:owlv2": "expert_zoo.detection:OWLv2Detection",
+    "ocr_detection:charnet": "expert_zoo.ocr:CharNetOCR",
+    "ocr_detection:ppocr": "expert_zoo.ppocr:PPOCRDetection",
+}
+_DEFAULTS: dict[str, str] = {}
+
+
+class ExpertUnavailable(RuntimeError):
+    """A requested expert cannot run here; the message says what to do about it."""
+
+
+def register(name: str, target: str, default: bool = False) -> None:
+    """Add ``task:backend`` → ``module:Class``; ``default`` makes it the task's default backend."""
+    task, _, backend = name.partition(":")
+    if not task or not backend or ":" not in target:
+        raise ValueError(f"register('task:backend', 'module:Class'), got {name!r}, {target!r}")
+    _REGISTRY[name] = target
+    if default or task not in _DEFAULTS:
+        _DEFAULTS[task] = name
+
+
+for _name in list(_REGISTRY):
+    _DEFAULTS.setdefault(_name.partition(":")[0], _name)
+
+
+def available() -> list[str]:
+    """Every registered ``task:backend`` name."""
+    return sorted(_REGISTRY)
+
+
+def resolve_name(request: ExpertRequest) -> str:
+    """Turn ``task`` or ``task:backend`` into a registered full name, or raise with the choices."""
+    if request.backend is None:
+        if request.task not in _DEFAULTS:
+            raise ExpertUnavailable(
+                f"unknown expert task {request.task!r}; known tasks: {sorted(_DEFAULTS)}"
+            )
+        return _DEFAULTS[request.task]
+    name = f"{request.task}:{request.backend}"
+    if name not in _REGISTRY:
+        choices = [n for n in _REGISTRY if n.startswith(request.task + ":")]
+        raise ExpertUnavailable(f"unknown expert {name!r}; backends for {request.task!r}: {choices or 'none'}")
+    return name
+
+
+def expert_class(name: str) -> type[Expert]:
+    """Import and return the class registered under ``task:backend``."""
+    module_name, _, class_name = _REGISTRY[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("expert_zoo", "label_pipeline"):
+            raise ExpertUnavailable(f"expert {name!r} is registered but its module is missing: {exc}") from exc
+        raise ExpertUnavailable(
+            f"expert {name!r} needs the package {exc.name!r}, which is not installed; "
+            "install the project with its extras: pip install -e '.[experts]'"
+        ) from exc
+    except ImportError as exc:
+        raise ExpertUnavailable(
+            f"expert {name!r} needs a package that is not installed ({exc}); "
+            "install the project with its extras: pip install -e '.[experts]'"
+        ) from exc
+    return getattr(module, class_name)
+
+
+def build_expert(
+    request: ExpertRequest | str, device: str = "cpu", options: Mapping[str, Any] | None = None
+) -> Expert:
+    """Construct (and so load) the expert a manifest entry names."""
+    if isinstance(request, str):
+        request = ExpertRequest.parse(request)
+    name = resolve_name(request)
+    cls = expert_class(name)
+    merged = {**request.options, **(options or {})}
+    return cls(merged, device=device)

@@ -1,0 +1,203 @@
+"""``seg_coco:mask2former``: Prismer's COCO segmentation expert, Mask2Former used in semantic mode.
+
+Label: L8, the COCO-panoptic class id 0..132 (80 things then 53 stuff, detectron2's contiguous order;
+names in ``expert_zoo/labelmaps/coco_panoptic_133_names.json``) of every pixel; no void value.
+
+As Prismer's ``generate_segmentation.py`` (detectron2 Mask2Former with panoptic and instance inference
+off): resize with torchvision's ``Resize(479, max_size=480)`` rule (aspect kept, long side 480), pad the
+normalised image to a multiple of 32, run, upsample the mask logits to the padded size, combine them into
+per-class scores ``sum_q softmax(class_q)[:-1] * sigmoid(mask_q)``, crop the padding, resize the scores
+bilinearly to the image and take the argmax there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from expert_zoo._hf import load_label_names, model_dir_digest, resolve_model_dir
+from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, inference, pil_resize, resolve_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "hf-hub:facebook/mask2former-swin-large-coco-panoptic"
+NUM_CLASSES = 133
+NUM_THING_CLASSES = 80
+RESIZE_SHORT, RESIZE_MAX = 479, 480  # torchvision Resize(479, max_size=480), as Prismer
+SIZE_DIVISIBILITY = 32  # detectron2 pads each batch to a multiple of 32
+_SCORE_CHUNK_ELEMENTS = 1 << 25  # bounds the memory of the full-resolution score resize (128 MiB fp32)
+
+
+def class_names() -> list[str]:
+    """Prismer's 133 COCO-panoptic class names, index = label value (Prismer's rewording)."""
+    return load_label_names("coco_panoptic_133_names.json", NUM_CLASSES)
+
+
+def prismer_resize_shape(height: int, width: int, size: int = RESIZE_SHORT, max_size: int = RESIZE_MAX) -> tuple[int, int]:
+    """(H, W) after torchvision ``Resize(size, max_size=max_size)``: short side → size unless long > max."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    if new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    new_short = max(new_short, 1)  # torchvision would fail on such slivers; keep one pixel instead
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def padded_shape(shape: tuple[int, int], divisor: int = SIZE_DIVISIBILITY) -> tuple[int, int]:
+    return (math.ceil(shape[0] / divisor) * divisor, math.ceil(shape[1] / divisor) * divisor)
+
+
+def preprocess(image: np.ndarray, bgr: bool = False) -> torch.Tensor:
+    """RGB uint8 image → 3×h×w float32 normalised tensor at Prismer's ≤480 scale (not padded).
+
+    ``bgr`` feeds the channels swapped, as Prismer did by accident (its detectron2 model expects RGB).
+    """
+    resized = pil_resize(image, prismer_resize_shape(*image.shape[:2]))
+    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    if bgr:
+        tensor = tensor.flip(0)
+    # detectron2 normalises raw 0-255 pixels with mean/std = 255 × ImageNet's, channel for channel.
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0
+    return (tensor - mean) / std
+
+
+def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Q×(C+1) class logits and Q×h×w mask logits → C×H×W class scores at ``size`` (Mask2Former semantic).
+
+    The last class is "no object" and is dropped after the softmax.
+    """
+    masks = F.interpolate(mask_logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    probs = class_logits.float().softmax(-1)[:, :-1]
+    return torch.einsum("qc,qhw->chw", probs, masks.sigmoid())
+
+
+def _linear_taps(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weight of 1-D linear interpolation, ``align_corners=False`` (PyTorch's rule)."""
+    src = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
+    src = src.clamp_(min=0.0)
+    lo = src.floor().long().clamp_(max=in_size - 1)
+    hi = (lo + 1).clamp_(max=in_size - 1)
+    return lo, hi, (src - lo).float()
+
+
+def resize_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: int = _SCORE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """argmax over C of the C×h×w ``scores`` resized bilinearly (align_corners=False) to ``size``.
+
+    Same result as ``F.interpolate(scores[None], size, mode="bilinear").argmax(1)`` but done in bands of
+    output rows, so a large image never holds all C×H×W upsampled scores at once.
+    """
+    num_classes, in_h, in_w = scores.shape
+    out_h, out_w = size
+    y_lo, y_hi, y_w = _linear_taps(out_h, in_h, scores.device)
+    x_lo, x_hi, x_w = _linear_taps(out_w, in_w, scores.device)
+    rows = max(1, max_elements // max(1, num_classes * out_w))
+    labels = torch.empty((out_h, out_w), dtype=torch.long, device=scores.device)
+    for r0 in range(0, out_h, rows):
+        r1 = min(out_h, r0 + rows)
+        top, bottom = scores[:, y_lo[r0:r1]], scores[:, y_hi[r0:r1]]
+        band = torch.lerp(top, bottom, y_w[r0:r1, None])
+        labels[r0:r1] = torch.lerp(band[..., x_lo], band[..., x_hi], x_w).argmax(0)
+    return labels
+
+
+def check_label_space(id2label: Mapping[int, str] | None, num_labels: int) -> None:
+    """Fail unless the model predicts the 133 COCO-panoptic classes in Prismer's (detectron2's) order.
+
+    Thing names (0..79) are compared with Prismer's; generic ``LABEL_i`` names (e.g. a test model) are not.
+    Stuff names differ in wording by design (``wall-other-merged`` is Prismer's ``other type of wall``).
+    """
+    if num_labels != NUM_CLASSES:
+        raise ValueError(
+            f"seg_coco:mask2former needs a COCO-panoptic model with {NUM_CLASSES} classes; these weights have "
+            f"{num_labels}. Use e.g. {DEFAULT_WEIGHTS}"
+        )
+    names = {int(k): str(v) for k, v in (id2label or {}).items()}
+    if not names or all(v == f"LABEL_{k}" for k, v in names.items()):
+        return
+    expected = class_names()[:NUM_THING_CLASSES]
+    wrong = [(i, names.get(i), expected[i]) for i in range(NUM_THING_CLASSES) if names.get(i) != expected[i]]
+    if len(wrong) > NUM_THING_CLASSES // 8:
+        raise ValueError(f"these weights' classes are not in COCO-panoptic order: (id, model, expected) {wrong[:5]}…")
+    if wrong:
+        logger.warning("Mask2Former thing-class names differ from Prismer's at %s", wrong)
+
+
+class Mask2FormerCOCO(Expert):
+    """Mask2Former (Cheng et al., CVPR 2022), Swin-L COCO-panoptic weights, semantic inference.
+
+    Config: ``weights`` (a transformers model dir: ``hf-hub:org/repo`` or a local dir; default
+    ``hf-hub:facebook/mask2former-swin-large-coco-panoptic``, the conversion of the detectron2 checkpoint
+    Prismer used), ``bgr`` (feed BGR as Prismer did; default false = RGB, what the weights expect),
+    ``batch_size``.
+    """
+
+    spec: ClassVar[ExpertSpec] = ExpertSpec(
+        task="seg_coco",
+        backend="mask2former",
+        version="1",
+        mode="L",
+        batch_size=4,
+        input_size=None,  # aspect kept, long side 480
+        uses_gpu=True,
+    )
+    GPU_BATCH_SIZE: ClassVar[int] = 16
+
+    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        super().__init__(config, device)
+        from transformers import Mask2FormerForUniversalSegmentation
+
+        self.torch_device = resolve_device(device)
+        model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
+        self.weights_digest = model_dir_digest(model_dir)
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(str(model_dir), dtype=torch.float32)
+        check_label_space(model.config.id2label, model.config.num_labels)
+        self.model = model.eval().to(self.torch_device)
+        self.bgr = bool(self.config.get("bgr", False))
+        logger.info("loaded Mask2Former from %s on %s", model_dir, self.torch_device)
+
+    @property
+    def batch_size(self) -> int:
+        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
+        return int(self.config.get("batch_size", default))
+
+    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
+        inputs = [preprocess(image, self.bgr) for image in images]
+        # Batch only images of one padded shape, so a label never depends on its batch-mates' padding.
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, tensor in enumerate(inputs):
+            groups[padded_shape(tuple(tensor.shape[1:]))].append(index)
+        maps: list[np.ndarray | None] = [None] * len(images)
+        for shape, indices in groups.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                results = self._segment([inputs[i] for i in chunk], shape, [images[i].shape[:2] for i in chunk])
+                for index, result in zip(chunk, results):
+                    maps[index] = result
+        return [Label(map=m) for m in maps]
+
+    def _segment(
+        self, inputs: list[torch.Tensor], shape: tuple[int, int], sizes: list[tuple[int, int]]
+    ) -> list[np.ndarray]:
+        """Normalised tensors of one padded ``shape`` → uint8 class maps at the original ``sizes``."""
+        batch = torch.zeros((len(inputs), 3, *shape), dtype=torch.float32)
+        for i, tensor in enumerate(inputs):
+            batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor  # zero = the mean colour, as detectron2
+        batch = batch.to(self.torch_device, non_blocking=True)
+        with inference(self.torch_device):
+            out = self.model(pixel_values=batch)
+        maps = []
+        with torch.inference_mode():
+            for i, (tensor, size) in enumerate(zip(inputs, sizes)):
+                scores = semantic_scores(out.class_queries_logits[i], out.masks_queries_logits[i], shape)
+                scores = scores[:, : tensor.shape[1], : tensor.shape[2]]
+                maps.append(resize_argmax(scores, size).to(torch.uint8).cpu().numpy())
+        return maps

@@ -1,0 +1,5 @@
+import sys
+
+from label_pipeline.cli import main
+
+sys.exit(main())

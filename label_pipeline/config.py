@@ -1,0 +1,185 @@
+"""Dataset manifests: typed, strictly validated, with ``${VAR}`` / ``${VAR:-default}`` expansion."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from expert_zoo.base import ExpertRequest
+from label_pipeline.decode import DEFAULT_MAX_PIXELS
+
+MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SOURCE_FORMATS = ("webdataset", "coco", "vg", "folder", "demo")
+
+
+class ConfigError(ValueError):
+    """A manifest or command-line setting is wrong; the message names the bad key."""
+
+
+def expand_vars(value: str, env: Mapping[str, str], where: str) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable ${{{name}}} is not set")
+
+    return _VAR.sub(replace, value)
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], required: set[str], where: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}")
+
+
+@dataclass
+class SourceConfig:
+    format: str
+    path: str | None = None  # webdataset / folder / demo
+    images: str | None = None  # coco / vg: image root
+    annotations: list[str] = field(default_factory=list)  # coco caption files
+    image_data: str | None = None  # vg
+    captions: str | None = None  # vg (optional)
+    shard_size: int = 1000  # non-sharded sources are cut into shards of this many samples
+    skip_missing: bool = False  # webdataset: ignore listed shards that don't exist (partial downloads)
+    transform: dict[str, Any] = field(default_factory=dict)  # how the inputs were made (recorded only)
+
+    def __post_init__(self) -> None:
+        if self.format not in SOURCE_FORMATS:
+            raise ConfigError(f"source.format: {self.format!r} is not one of {list(SOURCE_FORMATS)}")
+        needs = {
+            "webdataset": ["path"],
+            "folder": ["path"],
+            "demo": ["path"],
+            "coco": ["images", "annotations"],
+            "vg": ["images", "image_data"],
+        }[self.format]
+        for name in needs:
+            if not getattr(self, name):
+                raise ConfigError(f"source.{name}: required for format {self.format!r}")
+        if isinstance(self.annotations, str):
+            self.annotations = [self.annotations]
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ConfigError(f"source.shard_size: must be a positive integer, got {self.shard_size!r}")
+
+
+@dataclass
+class DecodeConfig:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.min_side < 1:
+            raise ConfigError("decode.max_pixels and decode.min_side must be >= 1")
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: SourceConfig
+    output: str
+    experts: list[ExpertRequest]
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    batch_size: int | None = None  # overrides every expert's preferred batch size
+    runner: dict[str, Any] = field(default_factory=dict)  # runner-specific settings (e.g. ray replicas)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"name: {self.name!r} must be a plain identifier")
+        if not self.experts:
+            raise ConfigError("experts: at least one expert is required")
+        tasks = [e.task for e in self.experts]
+        duplicated = sorted({t for t in tasks if tasks.count(t) > 1})
+        if duplicated:
+            raise ConfigError(f"experts: task(s) {duplicated} listed more than once")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("batch_size: must be >= 1")
+
+    def with_experts(self, names: list[str]) -> "Manifest":
+        """The same manifest with a different expert list (``--experts``)."""
+        return Manifest(**{**{f.name: getattr(self, f.name) for f in fields(self)},
+                           "experts": parse_experts(names, "--experts")})
+
+
+def parse_experts(items: Any, where: str) -> list[ExpertRequest]:
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: expected a list of expert names")
+    try:
+        return [ExpertRequest.parse(item) for item in items]
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _expand_tree(value: Any, env: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, str):
+        return expand_vars(value, env, where)
+    if isinstance(value, list):
+        return [_expand_tree(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand_tree(v, env, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def manifest_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Manifest:
+    """Validate a parsed manifest; every error names the offending key."""
+    env = os.environ if env is None else env
+    allowed = {"name", "source", "output", "experts", "decode", "batch_size", "runner", "description"}
+    _check_keys(data, allowed, {"name", "source", "output", "experts"}, "manifest")
+    source_data = _expand_tree(dict(data["source"]) if isinstance(data["source"], Mapping) else data["source"],
+                               env, "source")
+    _check_keys(source_data, {f.name for f in fields(SourceConfig)}, {"format"}, "source")
+    decode_data = data.get("decode") or {}
+    _check_keys(decode_data, {f.name for f in fields(DecodeConfig)}, set(), "decode")
+    try:
+        return Manifest(
+            name=str(data["name"]),
+            source=SourceConfig(**source_data),
+            output=expand_vars(str(data["output"]), env, "output"),
+            experts=parse_experts(data["experts"], "experts"),
+            decode=DecodeConfig(**decode_data),
+            batch_size=data.get("batch_size"),
+            runner=dict(data.get("runner") or {}),
+        )
+    except TypeError as exc:
+        raise ConfigError(f"manifest: {exc}") from exc
+
+
+def find_manifest(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of one in ``manifests/``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"manifest file {path} does not exist")
+        return path
+    candidate = MANIFEST_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(p.stem for p in MANIFEST_DIR.glob("*.yaml"))
+        raise ConfigError(f"no manifest named {name_or_path!r}; known: {known} (or pass a .yaml path)")
+    return candidate
+
+
+def load_manifest(name_or_path: str, env: Mapping[str, str] | None = None) -> Manifest:
+    path = find_manifest(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return manifest_from_dict(data, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

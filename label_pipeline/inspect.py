@@ -1,0 +1,161 @@
+"""``label-pipeline inspect``: a contact sheet of a sample's image and every expert label, in colour.
+
+Depth gets a colour map, normals are shown as RGB, edges as grey, categorical maps (segmentation,
+detection, OCR) get a fixed palette with a legend, and boxes / polygons from the json are drawn on top.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib import resources
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from label_pipeline.decode import decode_image
+from label_pipeline.format import IMAGE_EXTENSIONS, decode_png
+from label_pipeline.tario import read_tar_samples
+
+TILE = 320  # each panel's longest side in pixels
+_NAME_FILES = {"seg_coco": "coco_panoptic_133_names.json", "obj_detection": "unidet_722_names.json"}
+
+
+def palette(index: int) -> tuple[int, int, int]:
+    """A stable, well-spread colour per id (golden-ratio hue walk)."""
+    hue = int((index * 0.618033988749895 % 1.0) * 179)
+    hsv = np.uint8([[[hue, 200, 230]]])
+    return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
+
+
+def class_names(task: str) -> list[str] | None:
+    name = _NAME_FILES.get(task)
+    if name is None:
+        return None
+    try:
+        return json.loads(resources.files("expert_zoo").joinpath("labelmaps", name).read_text())
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+def colour_categorical(label: np.ndarray) -> np.ndarray:
+    out = np.zeros(label.shape + (3,), dtype=np.uint8)
+    for value in np.unique(label):
+        if value != 255:
+            out[label == value] = palette(int(value))
+    return out
+
+
+def render_label(task: str, label: np.ndarray) -> np.ndarray:
+    """An expert map as an RGB picture a person can read."""
+    if label.ndim == 3:
+        return label  # normals are already RGB of (n+1)/2
+    if task == "depth":
+        return cv2.cvtColor(cv2.applyColorMap(label, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
+    if task == "edge":
+        return np.repeat(label[:, :, None], 3, axis=2)
+    return colour_categorical(label)
+
+
+def _fit(array: np.ndarray) -> Image.Image:
+    image = Image.fromarray(array)
+    scale = TILE / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
+
+
+def _annotate(task: str, panel: Image.Image, data: Any, label: np.ndarray, scale: float) -> list[str]:
+    """Draw boxes / polygons; return legend lines."""
+    draw = ImageDraw.Draw(panel)
+    legend: list[str] = []
+    names = class_names(task)
+    if task == "obj_detection" and isinstance(data, list):
+        for det in data:
+            box = [v * scale for v in det["box"]]
+            draw.rectangle(box, outline=palette(det["instance"]), width=2)
+            name = names[det["class_id"]] if names and det["class_id"] < len(names) else str(det["class_id"])
+            legend.append(f"{det['instance']}: {name} {det.get('score', 0):.2f}")
+    elif task == "ocr_detection" and isinstance(data, list):
+        for word in data:
+            points = [(x * scale, y * scale) for x, y in word["polygon"]]
+            draw.polygon(points, outline=palette(word["instance"]), width=2)
+            legend.append(f"{word['instance']}: {word.get('text', '')!r}")
+    elif task.startswith("seg"):
+        ids, counts = np.unique(label[label != 255], return_counts=True)
+        for value, _ in sorted(zip(ids, counts), key=lambda p: -p[1])[:8]:
+            legend.append(names[value] if names and value < len(names) else f"class {value}")
+    return legend
+
+
+def contact_sheet(members: dict[str, bytes], key: str) -> Image.Image:
+    meta = json.loads(members["json"]) if "json" in members else {}
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    panels: list[tuple[str, Image.Image, list[str]]] = []
+    if image_ext:
+        rgb = decode_image(members[image_ext]).array
+        panels.append((f"{key} ({meta.get('status', '?')})", _fit(rgb), _wrap(members.get("txt", b"").decode())))
+    for task in sorted(meta.get("experts", {})):
+        if f"{task}.png" not in members:
+            panels.append((f"{task}: {meta['experts'][task].get('status')}", Image.new("RGB", (TILE, TILE // 2)), []))
+            continue
+        label = decode_png(members[f"{task}.png"])
+        panel = _fit(render_label(task, label))
+        data = json.loads(members[f"{task}.json"]) if f"{task}.json" in members else None
+        legend = _annotate(task, panel, data, label, panel.width / label.shape[1])
+        panels.append((task, panel, legend))
+    return _compose(panels)
+
+
+def _wrap(text: str, width: int = 40) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
+def _compose(panels: list[tuple[str, Image.Image, list[str]]]) -> Image.Image:
+    font = ImageFont.load_default(size=14)
+    text_rows = max((len(legend) for _, _, legend in panels), default=0)
+    height = TILE + 24 + 16 * min(text_rows, 12) + 8
+    sheet = Image.new("RGB", (len(panels) * (TILE + 8) + 8, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for column, (title, panel, legend) in enumerate(panels):
+        x = 8 + column * (TILE + 8)
+        draw.text((x, 4), title, fill=(0, 0, 0), font=font)
+        sheet.paste(panel, (x, 22))
+        for row, line in enumerate(legend[:12]):
+            draw.text((x, TILE + 26 + 16 * row), line[:44], fill=(40, 40, 40), font=font)
+    return sheet
+
+
+def inspect_shard(shard_url: str, key: str | None = None, limit: int = 4) -> Image.Image:
+    """Sheets for ``key`` (or the first ``limit`` samples) of a shard, stacked vertically."""
+    import fsspec
+
+    sheets = []
+    with fsspec.open(shard_url, "rb") as handle:
+        for sample_key, members in read_tar_samples(handle):
+            if key is None or sample_key == key:
+                sheets.append(contact_sheet(members, sample_key))
+            if (key is not None and sheets) or len(sheets) >= limit:
+                break
+    if not sheets:
+        raise KeyError(f"key {key!r} not found in {shard_url}")
+    width = max(s.width for s in sheets)
+    stacked = Image.new("RGB", (width, sum(s.height for s in sheets)), (255, 255, 255))
+    y = 0
+    for sheet in sheets:
+        stacked.paste(sheet, (0, y))
+        y += sheet.height
+    return stacked
+
+
+def save_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,42 @@
+"""The in-process runner: experts live in this process, shards are labelled one after another."""
+
+from __future__ import annotations
+
+import logging
+
+from expert_zoo.registry import build_expert, resolve_name
+from label_pipeline.config import Manifest
+from label_pipeline.labeler import Labeler
+from label_pipeline.progress import Progress
+from label_pipeline.run import RunOptions, RunSummary, finish_run, prepare_run
+from label_pipeline.shard_job import run_shard
+
+logger = logging.getLogger(__name__)
+
+
+def build_experts(manifest: Manifest, device: str = "auto") -> dict:
+    """Instantiate (load) every expert the manifest names; fails fast if one is unavailable."""
+    return {request.task: build_expert(request, device=device) for request in manifest.experts}
+
+
+def run_local(manifest: Manifest, options: RunOptions, progress: bool = True, device: str = "auto") -> RunSummary:
+    experts = build_experts(manifest, device=device)
+    labeler = Labeler(experts, batch_size=manifest.batch_size)
+    names = {request.task: resolve_name(request) for request in manifest.experts}
+    prepared = prepare_run(manifest, options, names, labeler.fingerprints)
+    bar = Progress(len(prepared.plans), enabled=progress)
+    try:
+        for plan in prepared.plans:
+            try:
+                result = run_shard(plan, prepared.source, prepared.store, labeler, manifest.decode)
+            except (OSError, ValueError, RuntimeError) as exc:  # the shard fails, the run goes on
+                logger.error("shard %s failed: %s", plan.shard.shard_id, exc)
+                prepared.summary.failed_shards[plan.shard.shard_id] = f"{type(exc).__name__}: {exc}"
+                prepared.store.write_failed(plan.shard.shard_id, f"{type(exc).__name__}: {exc}")
+                continue
+            prepared.summary.results.append(result)
+            bar.shard_done(result.record["samples"])
+    finally:
+        bar.close()
+        finish_run(prepared)
+    return prepared.summary

@@ -1,0 +1,85 @@
+"""WebDataset tars (incl. img2dataset output): one input tar is one work unit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Iterator
+
+import fsspec
+from braceexpand import braceexpand
+
+from label_pipeline.format import IMAGE_EXTENSIONS, KeyDeduper
+from label_pipeline.sources.base import InputShard, Sample, ShardReadReport
+from label_pipeline.tario import read_tar_samples
+
+logger = logging.getLogger(__name__)
+_DROPPED_META = ("exif",)  # img2dataset stores raw EXIF here: large and not an id
+
+
+def expand_shard_urls(pattern: str) -> list[str]:
+    """Brace-expand ``…/{00000..01242}.tar`` (several patterns may be joined with ``::``)."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls.extend(braceexpand(part))
+    return urls
+
+
+def shard_id_of(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+class WebDatasetSource:
+    def __init__(self, path: str, skip_missing: bool = False) -> None:
+        self.path = path
+        self.skip_missing = skip_missing
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": "webdataset", "path": self.path}
+
+    def shards(self) -> list[InputShard]:
+        urls = expand_shard_urls(self.path)
+        if self.skip_missing:
+            urls = [u for u in urls if _exists(u)]
+        ids = [shard_id_of(u) for u in urls]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"input shards of {self.path!r} have clashing names; each needs a distinct basename")
+        return [InputShard(shard_id=sid, location=url, index=i) for i, (sid, url) in enumerate(zip(ids, urls))]
+
+    def read(self, shard: InputShard, report: ShardReadReport) -> Iterator[Sample]:
+        dedupe = KeyDeduper()
+        for raw, members in self._member_groups(shard.location, report):
+            yield _sample_from_members(dedupe(raw), raw, members, shard.location)
+
+    def _member_groups(self, url: str, report: ShardReadReport) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Samples of one tar; a truncated or damaged tar ends the shard after the last whole member."""
+        errors: list[str] = []
+        # A shard that cannot be opened at all raises: the shard fails and is retried on the next run.
+        with fsspec.open(url, "rb") as handle:
+            for key, members in read_tar_samples(handle, errors):
+                yield key, {ext.lower(): data for ext, data in members.items()}
+        if errors:
+            report.input_error = errors[0]
+            logger.warning("input shard %s is damaged, keeping the samples read before: %s", url, errors[0])
+
+
+def _sample_from_members(key: str, raw_key: str, members: dict[str, bytes], url: str) -> Sample:
+    source: dict[str, Any] = {"shard": shard_id_of(url), "key": raw_key}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+            if isinstance(meta, dict):
+                source["meta"] = {k: v for k, v in meta.items() if k not in _DROPPED_META}
+        except (ValueError, UnicodeDecodeError):
+            source["meta_error"] = "input json member is not valid JSON"
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    caption = members.get("txt")
+    if image_ext is None:
+        return Sample(key, None, None, caption, source, error="no_image")
+    return Sample(key, members[image_ext], image_ext, caption, source)
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)

@@ -1,0 +1,1104 @@
+"""Prismer (Liu et al., "Prismer: A Vision-Language Model with Multi-Task Experts", TMLR 2024) in one file.
+
+Structure (module names give exactly the state-dict keys of the released checkpoints):
+
+* ``expert_encoder``: a CLIP ViT without CLS token and projection. ``conv1.rgb`` patchifies the image;
+  every expert label (depth, normal, edge, seg, object detection, OCR) has its own conv stem that yields a
+  token grid of the same size. All grids share the positional embedding. Object-detection tokens also get
+  a learned instance embedding (a random row per instance id, so instance identity is permutation
+  invariant). The expert tokens are compressed by a Perceiver resampler to ``num_latents`` tokens and
+  appended to the RGB tokens, then go through the (frozen) CLIP blocks, each followed by a trainable adaptor.
+* ``text_decoder``: RoBERTa whose (frozen) layers are each followed by a new cross-attention to the vision
+  tokens and an adaptor, plus one new output layer and the LM head tied to the word embeddings.
+
+Everything is batch-first (``[batch, tokens, width]``); the original ran the ViT sequence-first.
+Reference: github.com/NVlabs/prismer (``model/``); this is an independent implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from prismer_trainer.config import CATEGORICAL_EXPERTS, DENSE_EXPERTS, FREEZE_MODES, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# state_dict() lists these twice: the LM-head decoder is tied to the word embeddings, and its bias *is*
+# ``lm_head.bias`` (as in HF RoBERTa). Released checkpoints contain both names.
+ALIASES: dict[str, str] = {
+    "text_decoder.lm_head.decoder.weight": "text_decoder.roberta.embeddings.word_embeddings.weight",
+    "text_decoder.lm_head.decoder.bias": "text_decoder.lm_head.bias",
+}
+
+
+def stem_name(expert: str) -> str:
+    """conv1 key of an expert: both segmentation experts share the ``seg`` stem."""
+    return "seg" if expert.startswith("seg") else expert
+
+
+# ================================================================================================
+# Building blocks
+# ================================================================================================
+class QuickGELU(nn.Module):
+    """CLIP's sigmoid approximation of GELU (the pretrained ViT was trained with it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SquaredReLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.square(F.relu(x))
+
+
+class Adaptor(nn.Module):
+    """Residual MLP with a squared-ReLU and no bottleneck (down dim = width).
+
+    Vision (pre-norm): ``x + up(act(down(LN x)))``; text (``norm_late``, post-norm like RoBERTa):
+    ``LN(up(act(down x)) + x)``.
+    """
+
+    def __init__(self, width: int, norm_late: bool = False, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm_late = norm_late
+        self.adaptor = nn.Sequential(
+            OrderedDict(
+                [
+                    ("down_proj", nn.Linear(width, width)),
+                    ("sq_relu", SquaredReLU()),
+                    ("up_proj", nn.Linear(width, width)),
+                ]
+            )
+        )
+        self.adaptor_ln = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_late:
+            return self.adaptor_ln(self.adaptor(x) + x)
+        return self.adaptor(self.adaptor_ln(x)) + x
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # b n (h d) -> b h n d
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).flatten(2)  # b h n d -> b n (h d)
+
+
+class PackedAttention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter layout (packed q/k/v), batch-first."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention over ``x``, or ``x`` attending to ``context``."""
+        if context is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            width = x.shape[-1]
+            w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
+            b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
+            q = F.linear(x, w_q, b_q)
+            k, v = F.linear(context, w_kv, b_kv).chunk(2, dim=-1)
+        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class Mlp(nn.Sequential):
+    """Width -> 4 width -> width MLP with CLIP's key names (``c_fc``, ``c_proj``)."""
+
+    def __init__(self, width: int, activation: nn.Module, act_name: str) -> None:
+        super().__init__(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(width, 4 * width)),
+                    (act_name, activation),
+                    ("c_proj", nn.Linear(4 * width, width)),
+                ]
+            )
+        )
+
+
+# ================================================================================================
+# Vision: CLIP ViT + expert stems + Perceiver resampler
+# ================================================================================================
+class ClipBlock(nn.Module):
+    """A pretrained CLIP residual block (frozen in pre-training); AdaptedClipBlock runs its two halves."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attn = PackedAttention(width, heads)
+        self.mlp = Mlp(width, QuickGELU(), "gelu")
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
+
+
+class AdaptedClipBlock(nn.ModuleList):
+    """``[ClipBlock, Adaptor]``: attention, adaptor, then MLP (list indices give the ``.0.``/``.1.`` keys)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__([ClipBlock(width, heads), Adaptor(width)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block, adaptor = self[0], self[1]
+        x = x + block.attn(block.ln_1(x))
+        x = adaptor(x)
+        return x + block.mlp(block.ln_2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList([AdaptedClipBlock(width, heads) for _ in range(layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = _run(block, self.gradient_checkpointing, x)
+        return x
+
+
+class PerceiverBlock(nn.Module):
+    """Latents attend to ``[latents; expert tokens]`` (Flamingo-style), then a squared-ReLU MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attn = PackedAttention(width, heads)
+        self.mlp = Mlp(width, SquaredReLU(), "sq_relu")
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.ln_ff = nn.LayerNorm(width)
+
+    def forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        query = self.ln_1(latents)
+        latents = latents + self.attn(query, torch.cat([query, self.ln_2(tokens)], dim=1))
+        return latents + self.mlp(self.ln_ff(latents))
+
+
+class PerceiverResampler(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, num_latents: int) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(width**-0.5 * torch.randn(num_latents, width))
+        self.perceiver_blocks = nn.ModuleList([PerceiverBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[b, n, d]`` expert tokens -> ``[b, num_latents, d]``."""
+        latents = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        for block in self.perceiver_blocks:
+            latents = block(latents, tokens)
+        return latents
+
+
+def expert_stem(in_channels: int, width: int, upsample: float, strides: Sequence[int]) -> nn.Sequential:
+    """Resize, four conv3x3-BN-ReLU stages (width/8, /4, /2, 1), then a 1x1 conv: indices 1,2,4,5,...,13."""
+    layers: list[nn.Module] = [nn.Upsample(scale_factor=upsample, mode="bilinear", align_corners=True)]
+    channels = [in_channels, width // 8, width // 4, width // 2, width]
+    for c_in, c_out, stride in zip(channels, channels[1:], strides):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    layers.append(nn.Conv2d(width, width, 1, bias=False))
+    return nn.Sequential(*layers)
+
+
+def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[s*s, d]`` -> ``[gh*gw, d]`` by bicubic interpolation (align_corners=False), as Prismer does."""
+    side = math.isqrt(pos.shape[0])
+    if side * side != pos.shape[0]:
+        raise ValueError(f"positional embedding has {pos.shape[0]} rows, not a square grid")
+    if (side, side) == tuple(grid):
+        return pos
+    image = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    image = F.interpolate(image.float(), size=tuple(grid), mode="bicubic", align_corners=False).to(pos.dtype)
+    return image.permute(0, 2, 3, 1).flatten(0, 2)
+
+
+def embedding_map(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class embeddings: ids ``[b, h, w]`` (or ``[b, 1, h, w]``) and a table ``[k, e]`` shared by
+    the batch or ``[b, k, e]`` per sample -> ``[b, e, h, w]``. A pure gather, so the values equal a map built
+    on the CPU."""
+    if ids.dim() == 4:
+        ids = ids[:, 0]
+    ids = ids.long()
+    if table.dim() == 2:
+        emb = F.embedding(ids, table)
+    elif table.dim() == 3 and table.shape[0] == ids.shape[0]:
+        offsets = torch.arange(ids.shape[0], device=ids.device).view(-1, 1, 1) * table.shape[1]
+        emb = F.embedding(ids + offsets, table.reshape(-1, table.shape[-1]))
+    else:
+        raise ValueError(
+            f"table must be [k, e] or [batch, k, e]; got {tuple(table.shape)} for ids {tuple(ids.shape)}"
+        )
+    return emb.permute(0, 3, 1, 2)
+
+
+class ExpertEncoder(nn.Module):
+    """RGB + expert labels -> ``[b, grid**2 + num_latents, width]`` vision tokens."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        width, patch = config.vision_width, config.patch_size
+        self.experts = config.experts
+        self.positional_embedding = nn.Parameter(width**-0.5 * torch.randn(config.grid_size**2, width))
+        if "obj_detection" in config.experts:
+            self.instance_embedding = nn.Parameter(
+                width**-0.5 * torch.randn(config.num_instance_embeddings, width)
+            )
+        self.conv1 = nn.ModuleDict({"rgb": nn.Conv2d(3, width, patch, patch, bias=False)})
+        for expert in config.experts:
+            if stem_name(expert) in self.conv1:  # seg_coco and seg_ade share one stem
+                continue
+            if expert in DENSE_EXPERTS:
+                stem = expert_stem(DENSE_EXPERTS[expert], width, 16 / patch, (2, 2, 2, 2))
+            else:
+                stem = expert_stem(config.expert_embed_dim, width, 4 / patch, (2, 2, 1, 1))
+            self.conv1[stem_name(expert)] = stem
+        self.transformer = VisionTransformer(width, config.vision_layers, config.vision_heads)
+        if config.experts:
+            self.resampler = PerceiverResampler(
+                width, config.resampler_layers, config.resampler_heads, config.num_latents
+            )
+        self.ln_pre = nn.LayerNorm(width)
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(
+        self,
+        experts: Mapping[str, Any],
+        instance_rows: Mapping[int, int] | None = None,
+        rng: random.Random | None = None,
+    ) -> torch.Tensor:
+        """See :meth:`PrismerModel.encode` for the input format."""
+        x = self._tokens(self.conv1["rgb"](experts["rgb"]))
+        expert_tokens = [self._expert_tokens(name, experts, instance_rows, rng) for name in self.experts]
+        if expert_tokens:
+            x = torch.cat([x, self.resampler(torch.cat(expert_tokens, dim=1))], dim=1)
+        return self.ln_post(self.transformer(self.ln_pre(x)))
+
+    def _tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        """Stem output ``[b, d, h, w]`` -> tokens ``[b, h*w, d]`` + the shared (resized) position embedding."""
+        pos = resize_positional_embedding(self.positional_embedding, grid.shape[-2:]).to(grid.dtype)
+        return grid.flatten(2).transpose(1, 2) + pos
+
+    def _expert_tokens(
+        self,
+        name: str,
+        experts: Mapping[str, Any],
+        instance_rows: Mapping[int, int] | None,
+        rng: random.Random | None,
+    ) -> torch.Tensor:
+        if name not in experts:
+            raise KeyError(f"expert input {name!r} missing; this model needs {['rgb', *self.experts]}")
+        value, instance = experts[name], None
+        if name in CATEGORICAL_EXPERTS:
+            value, instance = self._categorical_map(name, value)
+        grid = self.conv1[stem_name(name)](value)
+        if name == "obj_detection":
+            grid = self._add_instance_embedding(grid, instance, instance_rows, rng)
+        return self._tokens(grid)
+
+    @staticmethod
+    def _categorical_map(name: str, value: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A categorical input as a 64-d embedding map (+ the instance ids for object detection).
+
+        Accepted: ``{"ids": [b,h,w] ints, "table": [k,64] or [b,k,64]}`` (built here, on the model's
+        device), a prebuilt float map ``[b,64,h,w]``, or for obj_detection the original
+        ``{"label": map, "instance": ids}``.
+        """
+        if isinstance(value, torch.Tensor):
+            if name == "obj_detection":
+                raise ValueError(
+                    "obj_detection needs instance ids: pass {'ids', 'table'} or {'label', 'instance'}"
+                )
+            return value, None
+        if "ids" in value:
+            return embedding_map(value["ids"], value["table"]), value["ids"]
+        return value["label"], value.get("instance")
+
+    def _add_instance_embedding(
+        self,
+        grid: torch.Tensor,
+        instance: torch.Tensor | None,
+        instance_rows: Mapping[int, int] | None,
+        rng: random.Random | None,
+    ) -> torch.Tensor:
+        """Add one instance-embedding row per instance id to the stem tokens of that instance.
+
+        As in the original, one row is drawn per unique id of the *whole batch* (in sorted order, background
+        255 included) with Python's ``random.randint``; ``instance_rows`` (id -> row) replaces the draw.
+        """
+        if instance is None:
+            raise ValueError("obj_detection input has no instance ids")
+        if instance.dim() == 3:
+            instance = instance[:, None]
+        ids = torch.unique(instance).tolist()
+        rows = self._instance_rows(ids, instance_rows, rng)
+        lookup = torch.zeros(max(ids) + 1, dtype=torch.long)
+        lookup[torch.tensor(ids, dtype=torch.long)] = torch.tensor(rows, dtype=torch.long)
+        small = F.interpolate(instance.float(), size=grid.shape[-2:], mode="nearest")[:, 0].long()
+        emb = self.instance_embedding[lookup.to(grid.device)[small]]  # [b, h, w, d]
+        return grid + emb.permute(0, 3, 1, 2).to(grid.dtype)
+
+    def _instance_rows(
+        self, ids: list[int], instance_rows: Mapping[int, int] | None, rng: random.Random | None
+    ) -> list[int]:
+        if instance_rows is not None:
+            missing = [i for i in ids if i not in instance_rows]
+            if missing:
+                raise ValueError(f"instance_rows lacks ids {missing} (ids in batch: {ids})")
+            return [int(instance_rows[i]) for i in ids]
+        draw = (rng or random).randint  # the module-level RNG by default, like the original
+        return [draw(0, self.instance_embedding.shape[0] - 1) for _ in ids]
+
+
+# ================================================================================================
+# Language: RoBERTa decoder with cross-attention and adaptors
+# ================================================================================================
+class TextSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        source = x if context is None else context
+        q, k, v = (_split_heads(t, self.heads) for t in (self.query(x), self.key(source), self.value(source)))
+        bias = None
+        if allowed is not None:
+            # HF-style additive mask (finfo.min, not -inf): a fully masked row stays finite.
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(~allowed, torch.finfo(q.dtype).min)
+        p = self.dropout if self.training else 0.0
+        return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p))
+
+
+class TextAttentionOutput(nn.Module):
+    def __init__(self, width: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class TextAttention(nn.Module):
+    """Post-norm RoBERTa attention; with ``context``, cross-attention (keys/values from vision tokens)."""
+
+    def __init__(self, config: ModelConfig, kv_width: int | None = None) -> None:
+        super().__init__()
+        width = config.text_width
+        self.self = TextSelfAttention(width, config.text_heads, kv_width or width, config.attention_dropout)
+        self.output = TextAttentionOutput(width, config.layer_norm_eps, config.hidden_dropout)
+
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.output(self.self(x, allowed, context), x)
+
+
+class TextIntermediate(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class TextOutput(nn.Module):
+    def __init__(self, hidden: int, width: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class TextLayer(nn.Module):
+    """A pretrained RoBERTa layer; Prismer runs its attention and its FFN separately."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = TextAttention(config)
+        self.intermediate = TextIntermediate(config.text_width, config.text_intermediate)
+        self.output = TextOutput(
+            config.text_intermediate, config.text_width, config.layer_norm_eps, config.hidden_dropout
+        )
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(x), x)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.attention(x, allowed))
+
+
+class DecoderLayer(nn.ModuleList):
+    """``[TextLayer, cross-attention, Adaptor]``: self-attn, cross-attn to vision, adaptor, FFN."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(
+            [
+                TextLayer(config),
+                TextAttention(config, kv_width=config.vision_width),
+                Adaptor(config.text_width, norm_late=True, eps=1e-5),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        layer, cross_attention, adaptor = self[0], self[1], self[2]
+        x = layer.attention(x, allowed)
+        x = cross_attention(x, context=vision)
+        x = adaptor(x)
+        return layer.feed_forward(x)
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.pad_token_id = config.pad_token_id
+        # Kept only so the state dict matches HF 4.26 checkpoints; positions are computed from the ids.
+        self.register_buffer("position_ids", torch.arange(config.max_positions).expand(1, -1).clone())
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.text_width, padding_idx=config.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(
+            config.max_positions, config.text_width, padding_idx=config.pad_token_id
+        )
+        self.token_type_embeddings = nn.Embedding(1, config.text_width)
+        self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # RoBERTa positions: real tokens count up from pad_id + 1, pads sit at pad_id.
+        not_pad = input_ids.ne(self.pad_token_id).long()
+        positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        x = x + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([DecoderLayer(config) for _ in range(config.text_layers)])
+        self.output_layer = TextLayer(config)  # new; no cross-attention
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = _run(layer, self.gradient_checkpointing, x, allowed, vision)
+        return self.output_layer(x, allowed)
+
+
+class RobertaBackbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = TextEncoder(config)
+
+    def forward(self, input_ids: torch.Tensor, allowed: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids), allowed, vision)
+
+
+class LMHead(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.text_width, config.text_width)
+        self.layer_norm = nn.LayerNorm(config.text_width, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.text_width, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(F.gelu(self.dense(x))))
+
+
+def decoder_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal AND key-not-padding, ``[b, 1, q, k]`` booleans (True = may attend)."""
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.roberta = RobertaBackbone(config)
+        self.lm_head = LMHead(config)
+        self.apply(_init_text_weights)  # before tying, so the embeddings' padding rows stay zero
+        self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        vision: torch.Tensor,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(last hidden state [b, n, d], logits [b, n or 1, vocab])``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.roberta(input_ids, decoder_attention_mask(attention_mask), vision)
+        return hidden, self.lm_head(hidden[:, -1:] if last_only else hidden)
+
+
+def _run(module: nn.Module, use_checkpoint: bool, *args: torch.Tensor) -> torch.Tensor:
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+# ================================================================================================
+# The model
+# ================================================================================================
+@dataclass
+class PrismerOutput:
+    logits: torch.Tensor  # [b, n, vocab]
+    vision_tokens: torch.Tensor  # [b, grid**2 + num_latents, vision_width]
+    hidden_states: torch.Tensor  # decoder last hidden state (before the LM head), [b, n, text_width]
+    loss: torch.Tensor | None = None  # mean over the batch of loss_per_sample
+    loss_per_sample: torch.Tensor | None = None  # token losses summed per sample, [b]
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [b, <= max_length] ids, prompt included; pad after an early </s>
+    scores: torch.Tensor  # [b] beam score: sum of log-probs / sequence length ** length_penalty
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Next-token cross-entropy (label smoothing 0.1, -100 ignored), summed per sample: ``[b]``."""
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = labels[:, 1:].reshape(-1)
+    loss = F.cross_entropy(shifted, targets, reduction="none", label_smoothing=label_smoothing)
+    return loss.view(labels.shape[0], -1).sum(1)
+
+
+def is_frozen_parameter(name: str, mode: str) -> bool:
+    """Prismer's freezing rule: the pretrained CLIP blocks (``resblocks.N.0``) and/or RoBERTa layers
+    (``layer.N.0``) are frozen; stems, embeddings, resampler, adaptors, cross-attention and heads train."""
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"freeze mode must be one of {FREEZE_MODES}, got {mode!r}")
+    vision = re.match(r"expert_encoder\.transformer\.resblocks\.\d+\.0\.", name) is not None
+    language = re.match(r"text_decoder\.roberta\.encoder\.layer\.\d+\.0\.", name) is not None
+    return (vision and mode in ("freeze_vision", "freeze_lang_vision")) or (
+        language and mode in ("freeze_lang", "freeze_lang_vision")
+    )
+
+
+class PrismerModel(nn.Module):
+    """Prismer for captioning / VQA (the original ``PrismerCaption``/``PrismerVQA`` share this state dict)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.expert_encoder = ExpertEncoder(config)
+        self.text_decoder = TextDecoder(config)
+        self.set_freeze(config.freeze)
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def set_freeze(self, mode: str) -> None:
+        """Apply a freezing mode (``none``, ``freeze_lang``, ``freeze_vision``, ``freeze_lang_vision``)."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(not is_frozen_parameter(name, mode))
+        self.freeze_mode = mode
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen pretrained blocks (e.g. FSDP ``ignored_modules``)."""
+        mode, modules = self.freeze_mode, []
+        if mode in ("freeze_vision", "freeze_lang_vision"):
+            modules += [block[0] for block in self.expert_encoder.transformer.resblocks]
+        if mode in ("freeze_lang", "freeze_lang_vision"):
+            modules += [layer[0] for layer in self.text_decoder.roberta.encoder.layer]
+        return modules
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute ViT blocks and decoder layers in backward (memory for compute, e.g. LARGE at 480 px)."""
+        self.expert_encoder.transformer.gradient_checkpointing = enabled
+        self.text_decoder.roberta.encoder.gradient_checkpointing = enabled
+
+    def load_prismer_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
+        """Load a released/trained checkpoint, adapting its positional embedding to this resolution."""
+        return self.load_state_dict(adapt_state_dict(state_dict, self), strict=strict)
+
+    # ---------------------------------------------------------------------------------------------- run
+    def encode(
+        self,
+        experts: Mapping[str, Any],
+        instance_rows: Mapping[int, int] | None = None,
+        rng: random.Random | None = None,
+    ) -> torch.Tensor:
+        """Vision tokens ``[b, grid**2 + num_latents, width]``.
+
+        ``experts`` maps ``rgb`` (``[b,3,H,W]`` CLIP-normalised) and each configured expert to its input:
+        dense experts (depth, edge ``[b,1,H,W]``, normal ``[b,3,H,W]``) as floats in [-1, 1]; categorical
+        experts (seg_*, obj_detection, ocr_detection) as ``{"ids": [b,H,W] ints, "table": [k,64] | [b,k,64]}``
+        (the embedding map is built on the model's device) or as a prebuilt ``[b,64,H,W]`` map (obj_detection:
+        ``{"label": map, "instance": ids}``). For obj_detection the ids double as instance ids; one
+        instance-embedding row per id is drawn from ``rng`` (default: the ``random`` module), or taken from
+        ``instance_rows`` (id -> row).
+        """
+        return self.expert_encoder(experts, instance_rows, rng)
+
+    def forward(
+        self,
+        experts: Mapping[str, Any],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        instance_rows: Mapping[int, int] | None = None,
+        rng: random.Random | None = None,
+        label_smoothing: float = 0.1,
+    ) -> PrismerOutput:
+        """Teacher-forced decoding; with ``labels`` (pad/prompt positions = -100) also the caption loss."""
+        vision = self.encode(experts, instance_rows, rng)
+        hidden, logits = self.text_decoder(input_ids, attention_mask, vision)
+        out = PrismerOutput(logits=logits, vision_tokens=vision, hidden_states=hidden)
+        if labels is not None:
+            out.loss_per_sample = caption_loss(logits, labels, label_smoothing)
+            out.loss = out.loss_per_sample.mean()
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        experts: Mapping[str, Any] | None,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+        *,
+        vision_tokens: torch.Tensor | None = None,
+        num_beams: int = 3,
+        max_length: int = 20,
+        min_length: int = 8,
+        length_penalty: float = 1.0,
+        instance_rows: Mapping[int, int] | None = None,
+        rng: random.Random | None = None,
+    ) -> GenerationOutput:
+        """Beam search from ``prompt_ids`` (e.g. ``<s>A picture of``, no ``</s>``), batched.
+
+        Matches HF ``generate(num_beams=..., max_length=..., min_length=...)`` (lengths include the prompt,
+        no early stopping, score = sum log-prob / length ** length_penalty); vision tokens are repeated per
+        beam.
+        """
+        if vision_tokens is None:
+            if experts is None:
+                raise ValueError("pass experts or vision_tokens")
+            vision_tokens = self.encode(experts, instance_rows, rng)
+        return beam_search(
+            self.text_decoder,
+            vision_tokens,
+            prompt_ids,
+            prompt_mask,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            length_penalty=length_penalty,
+            pad_token_id=self.config.pad_token_id,
+            eos_token_id=self.config.eos_token_id,
+        )
+
+
+def _init_text_weights(module: nn.Module) -> None:
+    """RoBERTa's init (normal 0.02) for the decoder's modules; the pretrained ones are then overwritten."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: PrismerModel) -> dict[str, torch.Tensor]:
+    """Make a Prismer checkpoint loadable with ``strict=True``: drop a DDP ``module.`` prefix, resize the
+    positional embedding to the model's grid (pre-train 224 -> fine-tune 480) and fill missing alias keys."""
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    key = "expert_encoder.positional_embedding"
+    target = model.expert_encoder.positional_embedding
+    if key in sd and sd[key].shape != target.shape:
+        side = math.isqrt(target.shape[0])
+        logger.info("resizing %s %s -> %s", key, tuple(sd[key].shape), tuple(target.shape))
+        sd[key] = resize_positional_embedding(sd[key], (side, side))
+    for alias, canonical in ALIASES.items():
+        if alias not in sd and canonical in sd:
+            sd[alias] = sd[canonical]
+    return sd
+
+
+# ================================================================================================
+# Beam search (HF transformers 4.26 semantics, batched, no KV cache)
+# ================================================================================================
+class _Hypotheses:
+    """The ``num_beams`` best finished sequences of one sample (HF ``BeamHypotheses``)."""
+
+    def __init__(self, num_beams: int, length_penalty: float) -> None:
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.beams: list[tuple[float, torch.Tensor]] = []
+        self.worst_score = 1e9
+
+    def add(self, tokens: torch.Tensor, sum_logprobs: float) -> None:
+        score = sum_logprobs / (tokens.shape[-1] ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, tokens))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
+
+    def best(self) -> tuple[float, torch.Tensor]:
+        return sorted(self.beams, key=lambda b: b[0])[-1]
+
+
+@torch.no_grad()
+def beam_search(
+    decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    vision_tokens: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor | None,
+    *,
+    num_beams: int,
+    max_length: int,
+    min_length: int,
+    length_penalty: float,
+    pad_token_id: int,
+    eos_token_id: int,
+) -> GenerationOutput:
+    batch, prompt_len = prompt_ids.shape
+    if prompt_len >= max_length:
+        raise ValueError(f"prompt length {prompt_len} >= max_length {max_length}")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    ids = prompt_ids.repeat_interleave(num_beams, dim=0)
+    mask = prompt_mask.repeat_interleave(num_beams, dim=0)
+    vision = vision_tokens.repeat_interleave(num_beams, dim=0)
+    beam_scores = torch.zeros(batch, num_beams, device=ids.device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: only the first may expand at step one
+    beam_scores = beam_scores.view(-1)
+    hyps = [_Hypotheses(num_beams, length_penalty) for _ in range(batch)]
+    done = [False] * batch
+    cur_len = prompt_len
+    while True:
+        _, logits = decoder(ids, mask, vision, last_only=True)
+        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        if cur_len < min_length:
+            logprobs[:, eos_token_id] = -float("inf")
+        vocab = logprobs.shape[-1]
+        scores = (logprobs + beam_scores[:, None]).view(batch, num_beams * vocab)
+        top_scores, top_ids = torch.topk(scores, 2 * num_beams, dim=1, largest=True, sorted=True)
+        beam_scores, tokens, sources = _select_beams(
+            ids, top_scores, top_ids, vocab, hyps, done, cur_len, num_beams, pad_token_id, eos_token_id
+        )
+        ids = torch.cat([ids[sources], tokens[:, None]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        cur_len += 1
+        if all(done) or cur_len >= max_length:
+            break
+    return _finalize(ids, beam_scores, hyps, done, num_beams, max_length, pad_token_id, eos_token_id)
+
+
+def _select_beams(
+    ids: torch.Tensor,
+    top_scores: torch.Tensor,
+    top_ids: torch.Tensor,
+    vocab: int,
+    hyps: list[_Hypotheses],
+    done: list[bool],
+    cur_len: int,
+    num_beams: int,
+    pad_token_id: int,
+    eos_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HF ``BeamSearchScorer.process``: keep the best ``num_beams`` non-EOS continuations per sample and move
+    EOS continuations ranked within the top ``num_beams`` into the finished hypotheses."""
+    batch = top_scores.shape[0]
+    scores_l, ids_l = top_scores.tolist(), top_ids.tolist()  # one device sync per step
+    new_scores = [[0.0] * num_beams for _ in range(batch)]
+    new_tokens = [[pad_token_id] * num_beams for _ in range(batch)]
+    new_sources = [[b * num_beams + j for j in range(num_beams)] for b in range(batch)]
+    for b in range(batch):
+        if done[b]:
+            continue
+        slot = 0
+        for rank, (score, flat) in enumerate(zip(scores_l[b], ids_l[b])):
+            source, token = b * num_beams + flat // vocab, flat % vocab
+            if token == eos_token_id:
+                if rank < num_beams:
+                    hyps[b].add(ids[source].clone(), score)
+                continue
+            new_scores[b][slot], new_tokens[b][slot], new_sources[b][slot] = score, token, source
+            slot += 1
+            if slot == num_beams:
+                break
+        done[b] = hyps[b].is_done(max(scores_l[b]), cur_len)
+    device = ids.device
+    return (
+        torch.tensor(new_scores, dtype=top_scores.dtype, device=device).view(-1),
+        torch.tensor(new_tokens, dtype=ids.dtype, device=device).view(-1),
+        torch.tensor(new_sources, dtype=torch.long, device=device).view(-1),
+    )
+
+
+def _finalize(
+    ids: torch.Tensor,
+    beam_scores: torch.Tensor,
+    hyps: list[_Hypotheses],
+    done: list[bool],
+    num_beams: int,
+    max_length: int,
+    pad_token_id: int,
+    eos_token_id: int,
+) -> GenerationOutput:
+    scores_l = beam_scores.tolist()
+    for b, hyp in enumerate(hyps):
+        if not done[b]:
+            for j in range(num_beams):
+                hyp.add(ids[b * num_beams + j], scores_l[b * num_beams + j])
+    best = [hyp.best() for hyp in hyps]
+    lengths = [seq.shape[-1] for _, seq in best]
+    width = min(max(lengths) + 1, max_length)
+    out = ids.new_full((len(best), width), pad_token_id)
+    for b, (_, seq) in enumerate(best):
+        out[b, : seq.shape[-1]] = seq
+        if seq.shape[-1] < width:
+            out[b, seq.shape[-1]] = eos_token_id
+    scores = torch.tensor([s for s, _ in best], dtype=torch.float32, device=ids.device)
+    return GenerationOutput(sequences=out, scores=scores)
+
+
+# ================================================================================================
+# Pretrained CLIP / RoBERTa weights (transformers checkpoints)
+# ================================================================================================
+class PretrainedUnavailable(RuntimeError):
+    """A pretrained CLIP/RoBERTa checkpoint cannot be found or fetched; the message says how to fix it."""
+
+
+# Hub ids without an organisation were moved; the hub resolves them only through redirects.
+_LEGACY_HUB_IDS = {"roberta-base": "FacebookAI/roberta-base", "roberta-large": "FacebookAI/roberta-large"}
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_pretrained(
+    model: PrismerModel, vision: str | bool = True, language: str | bool = True
+) -> dict[str, list[str]]:
+    """Initialise the ViT from a transformers CLIP checkpoint and the decoder from a transformers RoBERTa one.
+
+    ``vision`` / ``language``: ``True`` = the config's default (``vision_pretrained``/``text_pretrained``),
+    ``False`` = skip, or a source: a hub id (``openai/clip-vit-base-patch16``), ``hf-hub:org/repo/file``,
+    a local checkpoint directory (``save_pretrained`` output) or a weights file. New parts (stems,
+    resampler, adaptors, cross-attention, output layer) keep their initialisation. Returns the loaded keys.
+    """
+    config, loaded = model.config, {}
+    if vision:
+        source = config.vision_pretrained if vision is True else vision
+        hf_state = read_transformers_checkpoint(source, what="CLIP vision", arg="vision")
+        loaded["vision"] = _copy_into(model, clip_to_prismer(hf_state, config, source))
+    if language:
+        source = config.text_pretrained if language is True else language
+        hf_state = read_transformers_checkpoint(source, what="RoBERTa", arg="language")
+        loaded["language"] = _copy_into(model, roberta_to_prismer(hf_state, config, source))
+    return loaded
+
+
+def _copy_into(model: PrismerModel, mapped: dict[str, torch.Tensor]) -> list[str]:
+    own = model.state_dict()
+    for key, value in mapped.items():
+        if own[key].shape != value.shape:
+            raise ValueError(
+                f"pretrained {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}: "
+                f"the checkpoint does not fit the {model.config.name!r} config"
+            )
+        with torch.no_grad():
+            own[key].copy_(value)
+    logger.info("loaded %d pretrained tensors", len(mapped))
+    return sorted(mapped)
+
+
+def read_transformers_checkpoint(
+    source: str, what: str = "pretrained", arg: str = "source"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers checkpoint: a local dir or file, ``hf-hub:...`` or a hub model id."""
+    if not source:
+        raise PretrainedUnavailable(f"no {what} checkpoint configured; pass {arg}=<hub id or local dir>")
+    path = Path(source).expanduser()
+    if not path.exists():
+        path = _resolve_hub_weights(source, what, arg)
+    return _read_checkpoint_dir(path, what) if path.is_dir() else _read_weight_file(path)
+
+
+def _read_checkpoint_dir(path: Path, what: str) -> dict[str, torch.Tensor]:
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            return _read_weight_file(path / name)
+        index = path / f"{name}.index.json"
+        if index.is_file():  # sharded checkpoint
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in _read_weight_file(path / shard).items()}
+    raise PretrainedUnavailable(f"{path} holds no {what} weights (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _resolve_hub_weights(source: str, what: str, arg: str) -> Path:
+    from expert_zoo.weights import WeightsUnavailable, resolve_weights
+
+    if source.startswith("hf-hub:"):
+        candidates = [source]
+        model_id = source.removeprefix("hf-hub:")
+    else:
+        model_id = _LEGACY_HUB_IDS.get(source, source)
+        candidates = [f"hf-hub:{model_id}/{name}" for name in _WEIGHT_FILES]
+    reasons = []
+    for candidate in candidates:
+        try:
+            return resolve_weights(candidate, expert=f"prismer {what}")
+        except WeightsUnavailable as exc:
+            reasons.append(exc.reason)
+    raise PretrainedUnavailable(
+        f"cannot get the {what} checkpoint {model_id!r} ({'; '.join(dict.fromkeys(reasons))}). Fix: run once "
+        f"with network access (unset HF_HUB_OFFLINE) to cache it, or download {model_id!r} elsewhere "
+        f"(`huggingface-cli download {model_id} {_WEIGHT_FILES[0]} config.json --local-dir DIR`) and pass "
+        f"{arg}='DIR' to load_pretrained"
+    )
+
+
+def _find_prefix(state: Mapping[str, torch.Tensor], suffix: str, what: str, source: str) -> str:
+    hits = sorted(k[: -len(suffix)] for k in state if k.endswith(suffix))
+    if not hits:
+        raise ValueError(f"{source!r} is not a transformers {what} checkpoint (no '*{suffix}' key)")
+    return hits[0]
+
+
+def clip_to_prismer(
+    state: Mapping[str, torch.Tensor], config: ModelConfig, source: str = ""
+) -> dict[str, torch.Tensor]:
+    """Map a transformers CLIP (vision) state dict to ``expert_encoder.*`` keys.
+
+    The CLS token and the projection are dropped, q/k/v are packed as in nn.MultiheadAttention, and the
+    positional embedding loses its CLS row and is resized (bicubic) to the model's patch grid.
+    """
+    p = _find_prefix(state, "embeddings.patch_embedding.weight", "CLIP vision", source)
+    layers = {
+        int(m.group(1)) for k in state if (m := re.match(re.escape(p) + r"encoder\.layers\.(\d+)\.", k))
+    }
+    if len(layers) != config.vision_layers:
+        raise ValueError(
+            f"{source!r} has {len(layers)} CLIP layers, config {config.name!r} has {config.vision_layers}"
+        )
+    pos = state[p + "embeddings.position_embedding.weight"][1:]
+    out = {
+        "expert_encoder.conv1.rgb.weight": state[p + "embeddings.patch_embedding.weight"],
+        "expert_encoder.positional_embedding": resize_positional_embedding(
+            pos, (config.grid_size, config.grid_size)
+        ),
+    }
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for t in ("weight", "bias"):
+            out[f"expert_encoder.{ours}.{t}"] = state[f"{p}{theirs}.{t}"]
+    for i in sorted(layers):
+        src, dst = f"{p}encoder.layers.{i}.", f"expert_encoder.transformer.resblocks.{i}.0."
+        for t in ("weight", "bias"):
+            qkv = [state[f"{src}self_attn.{n}_proj.{t}"] for n in "qkv"]
+            out[f"{dst}attn.in_proj_{t}"] = torch.cat(qkv, dim=0)
+            out[f"{dst}attn.out_proj.{t}"] = state[f"{src}self_attn.out_proj.{t}"]
+            out[f"{dst}ln_1.{t}"] = state[f"{src}layer_norm1.{t}"]
+            out[f"{dst}ln_2.{t}"] = state[f"{src}layer_norm2.{t}"]
+            out[f"{dst}mlp.c_fc.{t}"] = state[f"{src}mlp.fc1.{t}"]
+            out[f"{dst}mlp.c_proj.{t}"] = state[f"{src}mlp.fc2.{t}"]
+    return out
+
+
+_ROBERTA_LAYER_PARTS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "attention.output.LayerNorm",
+    "intermediate.dense",
+    "output.dense",
+    "output.LayerNorm",
+)
+
+
+def roberta_to_prismer(
+    state: Mapping[str, torch.Tensor], config: ModelConfig, source: str = ""
+) -> dict[str, torch.Tensor]:
+    """Map a transformers RoBERTa (``RobertaForMaskedLM``/``RobertaModel``) state dict to ``text_decoder.*``.
+
+    Layer ``i`` becomes ``layer.i.0`` (the pretrained half of each decoder layer); embeddings and the LM head
+    (when present) keep their names. The tied decoder weight comes with the word embeddings.
+    """
+    state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in state.items()}
+    p = _find_prefix(state, "embeddings.word_embeddings.weight", "RoBERTa", source)
+    layers = {int(m.group(1)) for k in state if (m := re.match(re.escape(p) + r"encoder\.layer\.(\d+)\.", k))}
+    if len(layers) != config.text_layers:
+        raise ValueError(
+            f"{source!r} has {len(layers)} RoBERTa layers, config {config.name!r} has {config.text_layers}"
+        )
+    out = {}
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm"):
+        for t in ("weight", "bias") if name == "LayerNorm" else ("weight",):
+            out[f"text_decoder.roberta.embeddings.{name}.{t}"] = state[f"{p}embeddings.{name}.{t}"]
+    for i in sorted(layers):
+        for part in _ROBERTA_LAYER_PARTS:
+            for t in ("weight", "bias"):
+                out[f"text_decoder.roberta.encoder.layer.{i}.0.{part}.{t}"] = state[
+                    f"{p}encoder.layer.{i}.{part}.{t}"
+                ]
+    head = {k.removeprefix("lm_head."): v for k, v in state.items() if k.startswith("lm_head.")}
+    if not head:
+        logger.warning(
+            "%s has no LM head; text_decoder.lm_head keeps its initialisation", source or "checkpoint"
+        )
+    for name in ("dense.weight", "dense.bias", "layer_norm.weight", "layer_norm.bias"):
+        if name in head:
+            out[f"text_decoder.lm_head.{name}"] = head[name]
+    bias = head.get("bias", head.get("decoder.bias"))
+    if bias is not None:
+        out["text_decoder.lm_head.bias"] = bias
+    return out
