@@ -61,7 +61,7 @@ def preprocess(image: np.ndarray, bgr: bool = False) -> torch.Tensor:
     ``bgr`` feeds the channels swapped, as Prismer did by accident (its detectron2 model expects RGB).
     """
     resized = pil_resize(image, prismer_resize_shape(*image.shape[:2]))
-    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
+    tensor = torch.from_numpy(np.array(resized)).permute(2, 0, 1).float()
     if bgr:
         tensor = tensor.flip(0)
     # detectron2 normalises raw 0-255 pixels with mean/std = 255 × ImageNet's, channel for channel.

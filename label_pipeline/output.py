@@ -83,8 +83,12 @@ class OutputStore:
         return f"{self.root}/_lock"
 
     def prepare(self) -> None:
+        """Create the layout and delete temp files of runs that died (safe: we hold the lock)."""
         for sub in ("shards", "records", "stats"):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+            for leftover in self.fs.glob(f"{self.root}/{sub}/*.tmp-*"):
+                logger.info("removing %s left by an interrupted run", leftover)
+                self.fs.rm(leftover)
 
     # -- atomic writes ---------------------------------------------------------------------------
     def write_shard(self, shard_id: str, samples: Iterable[Iterable[Member]]) -> ShardWrite:

@@ -50,17 +50,38 @@ def write_tar(target: BinaryIO, samples: Iterable[Iterable[Member]]) -> None:
                 tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
 
+class HashingReader:
+    """Wraps a binary file for reading; counts and hashes every byte read through it."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source = source
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
 def read_tar_samples(source: BinaryIO, errors: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` for consecutive members sharing a key (webdataset rule).
 
-    With ``errors`` given, a damaged or truncated tar ends the iteration after the last whole member
-    (the sample being read is still yielded) and the problem is appended to ``errors``; without it the
-    exception propagates.
+    A tar cut short is an error even where Python's tarfile would stop quietly (a cut inside a
+    header): the end-of-archive blocks must be there. With ``errors`` given, a damaged tar ends the
+    iteration after the last whole member (the sample being read is still yielded) and the problem
+    is appended to ``errors``; without it a ``tarfile.ReadError`` propagates.
     """
+    reader = source if isinstance(source, HashingReader) else HashingReader(source)
     current: str | None = None
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=source, mode="r|*") as tar:
+        with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
             for info in tar:
                 if not info.isfile():
                     continue
@@ -71,6 +92,10 @@ def read_tar_samples(source: BinaryIO, errors: list[str] | None = None) -> Itera
                 current = key
                 handle = tar.extractfile(info)
                 members[ext] = handle.read() if handle else b""
+            end_of_members = tar.offset
+        reader.drain()
+        if reader.size < end_of_members + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"truncated tar: ends at byte {reader.size} without end-of-archive blocks")
     except (tarfile.TarError, EOFError, OSError) as exc:
         if errors is None:
             raise

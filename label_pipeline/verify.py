@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 
 from label_pipeline.format import IMAGE_EXTENSIONS, decode_png
 from label_pipeline.output import OutputStore
-from label_pipeline.tario import read_tar_samples
+from label_pipeline.tario import HashingReader, read_tar_samples
 
 logger = logging.getLogger(__name__)
 
@@ -23,21 +22,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-class _HashingReader:
-    """Wraps a binary file; hashes everything read through it."""
-
-    def __init__(self, handle) -> None:  # type: ignore[no-untyped-def]
-        self.handle = handle
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.handle.read(n)
-        self.sha256.update(data)
-        self.size += len(data)
-        return data
 
 
 def verify_output(root: str) -> VerifyReport:
@@ -62,12 +46,10 @@ def _verify_shard(store: OutputStore, shard_id: str, record: dict, report: Verif
     seen: list[str] = []
     try:
         with store.fs.open(store.shard_path(shard_id), "rb") as raw:
-            reader = _HashingReader(raw)
+            reader = HashingReader(raw)
             for key, members in read_tar_samples(reader):
                 seen.append(key)
                 problems.extend(_verify_sample(shard_id, key, members, record))
-            while reader.read(1 << 20):  # hash the tar's end padding too
-                pass
     except FileNotFoundError:
         return [f"{shard_id}: tar missing"]
     except (OSError, EOFError, ValueError) as exc:

@@ -295,7 +295,7 @@ class ExpertEncoder(nn.Module):
         return self.ln_post(self.transformer(self.ln_pre(x)))
 
     def _tokens(self, grid: torch.Tensor) -> torch.Tensor:
-        """Stem output ``[b, d, h, w]`` -> tokens ``[b, h*w, d]`` + the shared (resized) position embedding."""
+        """Stem output ``[b, d, h, w]`` -> tokens ``[b, h*w, d]`` + the shared (resized) pos. embedding."""
         pos = resize_positional_embedding(self.positional_embedding, grid.shape[-2:]).to(grid.dtype)
         return grid.flatten(2).transpose(1, 2) + pos
 
