@@ -61,15 +61,23 @@ def query_prompts(names: Sequence[str], template: str, split_synonyms: bool) -> 
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of C×H×W with reflect padding, radius ceil(3σ) (skimage-style anti-aliasing)."""
+    """Separable Gaussian blur of C×H×W, reflect padding, radius ceil(3σ) (skimage-style anti-aliasing)."""
     radius = math.ceil(3 * sigma)
     x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
     channels = image.shape[0]
     out = image[None]
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    out = F.conv2d(
+        F.pad(out, (radius, radius, 0, 0), mode="reflect"),
+        kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1),
+        groups=channels,
+    )
+    out = F.conv2d(
+        F.pad(out, (0, 0, radius, radius), mode="reflect"),
+        kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1),
+        groups=channels,
+    )
     return out[0]
 
 
@@ -91,7 +99,7 @@ def owl_input(image: np.ndarray, size: int, pad_value: float, device: torch.devi
 
 
 def boxes_to_pixels(cxcywh: np.ndarray, height: int, width: int) -> np.ndarray:
-    """N×4 normalised ``cx, cy, w, h`` relative to the padded square → ``x0, y0, x1, y1`` image pixels, clipped."""
+    """N×4 ``cx, cy, w, h`` normalised to the padded square → ``x0, y0, x1, y1`` image pixels, clipped."""
     side = max(height, width)
     cx, cy, w, h = (cxcywh.astype(np.float64) * side).T
     xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
@@ -146,7 +154,7 @@ class OWLv2Detection(Expert):
         self.torch_device = resolve_device(device)
         model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
         self.weights_digest = model_dir_digest(model_dir)
-        model = Owlv2ForObjectDetection.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = Owlv2ForObjectDetection.from_pretrained(str(model_dir)).float()
         self.model = model.eval().to(self.torch_device)
         self.image_size = int(model.config.vision_config.image_size)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -162,16 +170,22 @@ class OWLv2Detection(Expert):
         """NUM_CLASSES×D text embeddings: unit-normalised prompt embeddings averaged per class (float32)."""
         prompts, owners = query_prompts(names, self.options["prompt"], bool(self.options["split_synonyms"]))
         max_length = int(self.model.config.text_config.max_position_embeddings)
-        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        tokens = tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
         feats = []
         with torch.inference_mode():  # fp32 even on CUDA: computed once, and it sets every class score
             for start in range(0, len(prompts), _TEXT_CHUNK):
                 ids = tokens["input_ids"][start : start + _TEXT_CHUNK].to(self.torch_device)
                 mask = tokens["attention_mask"][start : start + _TEXT_CHUNK].to(self.torch_device)
-                feats.append(self.model.owlv2.get_text_features(input_ids=ids, attention_mask=mask).pooler_output)
+                out = self.model.owlv2.get_text_features(input_ids=ids, attention_mask=mask)
+                # transformers 5 returns a model output (pooler_output = projected); 4.x the tensor itself.
+                feats.append(getattr(out, "pooler_output", out))
             feats = F.normalize(torch.cat(feats).float(), dim=-1)
             index = torch.tensor(owners, device=self.torch_device)
-            summed = torch.zeros((len(names), feats.shape[1]), device=self.torch_device).index_add_(0, index, feats)
+            summed = torch.zeros((len(names), feats.shape[1]), device=self.torch_device).index_add_(
+                0, index, feats
+            )
         # The class head L2-normalises queries itself, so the mean needs no rescaling.
         return summed / torch.bincount(index, minlength=len(names)).clamp(min=1)[:, None].float()
 
@@ -195,7 +209,12 @@ class OWLv2Detection(Expert):
 
     def detect(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per image: (N×4 ``x0, y0, x1, y1`` pixels, N class ids, N scores) after threshold and NMS."""
-        batch = torch.stack([owl_input(im, self.image_size, float(self.options["pad_value"]), self.torch_device) for im in images])
+        batch = torch.stack(
+            [
+                owl_input(im, self.image_size, float(self.options["pad_value"]), self.torch_device)
+                for im in images
+            ]
+        )
         with inference(self.torch_device):
             feature_map, _ = self.model.image_embedder(pixel_values=batch)
         # The heads are small; fp32 keeps box coordinates and scores near the threshold exact under bf16.

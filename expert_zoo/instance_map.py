@@ -140,7 +140,9 @@ def depth_ordered_instance_map(
     See the module doc for the rule. The depth map is only compared within itself, so any scale works.
     """
     if not 0 < max_instances <= MAX_INSTANCES:
-        raise ValueError(f"max_instances must be in 1..{MAX_INSTANCES} (255 is background), got {max_instances}")
+        raise ValueError(
+            f"max_instances must be in 1..{MAX_INSTANCES} (255 is background), got {max_instances}"
+        )
     depth = np.asarray(depth_map)
     if depth.ndim != 2:
         raise ValueError(f"depth map must be H×W, got {depth.shape}")

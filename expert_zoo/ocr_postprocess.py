@@ -88,45 +88,49 @@ def polygon_areas(polys: np.ndarray) -> np.ndarray:
     """Shoelace area (absolute) of polygons given as (..., K, 2) vertex arrays, in float64."""
     p = np.asarray(polys, dtype=np.float64)
     x, y = p[..., 0], p[..., 1]
-    cross = x * np.roll(y, -1, axis=-1) - np.roll(x, -1, axis=-1) * y
-    return 0.5 * np.abs(cross.sum(axis=-1))
+    x_next, y_next = np.roll(x, -1, axis=-1), np.roll(y, -1, axis=-1)
+    return 0.5 * np.abs((x * y_next - x_next * y).sum(axis=-1))
+
+
+def _next_vertex(a: np.ndarray) -> np.ndarray:
+    """Shift along the vertex axis (axis 1) so that slot k holds vertex k + 1, cyclically."""
+    return np.concatenate([a[:, 1:], a[:, :1]], axis=1)
 
 
 def _clip_halfplane(polys: np.ndarray, normal: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Sutherland–Hodgman step: keep the part of each polygon where ``normal · p + offset >= 0``.
 
-    ``polys`` is (M, K, 2); ``normal`` (M, 2) and ``offset`` (M,). Short polygons are padded by
-    repeating their last vertex (zero-length edges change no area); empty results are all zeros.
+    ``polys`` is (M, K, 2); ``normal`` (M, 2) or (1, 2), ``offset`` (M,) or (1,). Short polygons are
+    padded by repeating their last vertex (zero-length edges change no area); empty results are zeros.
     """
-    d = polys[..., 0] * normal[:, None, 0] + polys[..., 1] * normal[:, None, 1] + offset[:, None]
-    nxt = np.roll(polys, -1, axis=1)
-    d_nxt = np.roll(d, -1, axis=1)
-    inside, inside_nxt = d >= 0, d_nxt >= 0
-    crossing = inside != inside_nxt
-    t = d / np.where(crossing, d - d_nxt, 1.0)
-    cut = polys + t[..., None] * (nxt - polys)
-    # Each vertex emits itself (if inside) then the edge's crossing point (if any).
-    points = np.stack([polys, cut], axis=2).reshape(len(polys), -1, 2)
-    valid = np.stack([inside, crossing], axis=2).reshape(len(polys), -1)
-    count = valid.sum(axis=1)
-    width = max(int(count.max(initial=0)), 1)
-    order = np.argsort(~valid, axis=1, kind="stable")[:, :width]
-    points = np.take_along_axis(points, order[..., None], axis=1)
-    pad_from = np.minimum(np.arange(width)[None, :], np.maximum(count - 1, 0)[:, None])
-    points = np.take_along_axis(points, pad_from[..., None], axis=1)
-    points[count == 0] = 0.0
-    return points
+    m, k = polys.shape[:2]
+    d = polys[..., 0] * normal[:, 0:1] + polys[..., 1] * normal[:, 1:2] + offset[:, None]
+    d_next = _next_vertex(d)
+    inside = d >= 0
+    crossing = inside != (d_next >= 0)
+    t = d / np.where(crossing, d - d_next, 1.0)
+    cut = polys + t[..., None] * (_next_vertex(polys) - polys)
+    # Each vertex emits itself (if inside), then its edge's crossing point (if any): 2K slots, compacted.
+    points = np.stack([polys, cut], axis=2).reshape(m, 2 * k, 2)
+    valid = np.stack([inside, crossing], axis=2).reshape(m, 2 * k)
+    slot = np.cumsum(valid, axis=1) - 1
+    count = slot[:, -1] + 1
+    last = 2 * k - 1 - np.argmax(valid[:, ::-1], axis=1)
+    out = np.repeat(points[np.arange(m), last][:, None, :], max(int(count.max(initial=0)), 1), axis=1)
+    rows, cols = np.nonzero(valid)
+    out[rows, slot[rows, cols]] = points[rows, cols]
+    out[count == 0] = 0.0
+    return out
 
 
 def clip_area(subjects: np.ndarray, clips: np.ndarray) -> np.ndarray:
-    """Area of ``subject ∩ clip`` for paired polygons: subjects (M, K, 2) any simple polygons, clips
-    (M, C, 2) *convex* polygons (either orientation). A degenerate (zero-area) clip gives 0."""
-    subjects = np.asarray(subjects, dtype=np.float64)
+    """Area of ``subject ∩ clip`` for polygons: subjects (M, K, 2) any simple polygons, clips (M, C, 2)
+    or one shared (1, C, 2) *convex* polygons, either orientation. A degenerate clip gives 0."""
+    polys = np.asarray(subjects, dtype=np.float64)
     clips = np.asarray(clips, dtype=np.float64)
     x, y = clips[..., 0], clips[..., 1]
     signed = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
     orientation = np.sign(signed)
-    polys = subjects
     for k in range(clips.shape[1]):
         a, b = clips[:, k], clips[:, (k + 1) % clips.shape[1]]
         edge = b - a
@@ -135,8 +139,7 @@ def clip_area(subjects: np.ndarray, clips: np.ndarray) -> np.ndarray:
         offset = -(normal * a).sum(axis=1)
         polys = _clip_halfplane(polys, normal, offset)
     areas = polygon_areas(polys)
-    areas[orientation == 0] = 0.0
-    return areas
+    return np.where(np.broadcast_to(orientation == 0, areas.shape), 0.0, areas)
 
 
 def rotated_boxes(
@@ -155,9 +158,10 @@ def rotated_boxes(
     """
     xs = xs.astype(np.float64)
     ys = ys.astype(np.float64)
-    t, b, l, r = (tblr[k].astype(np.float64) for k in range(4))
+    top, bottom, left, right = (tblr[k].astype(np.float64) for k in range(4))
     sx, sy = scale_w * stride, scale_h * stride
-    x1, y1, x2, y2 = sx * (xs - l), sy * (ys - t), sx * (xs + r), sy * (ys + b)
+    x1, y1 = sx * (xs - left), sy * (ys - top)
+    x2, y2 = sx * (xs + right), sy * (ys + bottom)
     cx, cy = sx * xs, sy * ys
     if angle is None:
         cos, sin = np.ones_like(xs), np.zeros_like(xs)
@@ -195,37 +199,48 @@ def nms_quads(
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, 8), np.float32), empty_extra
     # The original's order: a default (quicksort) argsort, reversed. Ties keep the same order only on
-    # the same numpy build, which is as reproducible as the original ever was.
+    # the same numpy build and CPU, which is as reproducible as the original ever was.
     order = scores.argsort()[::-1]
     quads = boxes.reshape(n, 4, 2).astype(np.float64)[order]
     areas = polygon_areas(quads)
     lo, hi = quads.min(axis=1), quads.max(axis=1)
 
+    lowest = min(iou_threshold, neighbour_iou)
     keep: list[int] = []
     merged_boxes: list[np.ndarray] = []
     merged_extra: list[np.ndarray] = []
     # The still-unvisited, unsuppressed positions (into ``order``) and their bounding boxes, compacted.
-    pending = np.arange(n)
-    p_lo, p_hi = lo, hi
+    # A zero-area box has IoU 0 with everything: it never suppresses, is never suppressed and never
+    # has a neighbour, so unless boxes without neighbours are kept it can be left out from the start.
+    pending = np.flatnonzero(areas > 0) if min_neighbours > 0 else np.arange(n)
+    p_lo, p_hi = lo[pending], hi[pending]
     while len(pending):
         i = pending[0]
         pending, p_lo, p_hi = pending[1:], p_lo[1:], p_hi[1:]
-        touch = (
+        near = np.flatnonzero(
             (p_lo[:, 0] <= hi[i, 0])
             & (p_hi[:, 0] >= lo[i, 0])
             & (p_lo[:, 1] <= hi[i, 1])
             & (p_hi[:, 1] >= lo[i, 1])
         )
-        near = np.flatnonzero(touch)
-        suppressed = np.zeros(0, np.int64)
-        neighbours = np.zeros(0, np.int64)
+        suppressed = neighbours = near[:0]
         if len(near) and areas[i] > 0:
+            # Skip the clipping where even the bounding boxes' overlap (or the smaller area) cannot
+            # reach the lower threshold: IoU grows with the intersection, so this bound is exact.
             others = pending[near]
-            inter = clip_area(quads[others], np.broadcast_to(quads[i], (len(others), 4, 2)))
+            bound = np.prod(np.minimum(p_hi[near], hi[i]) - np.maximum(p_lo[near], lo[i]), axis=1)
+            bound = np.minimum(bound, np.minimum(areas[others], areas[i]))
+            reachable = bound > lowest * (areas[i] + areas[others] - bound) * (1 - 1e-9)
+            near, others = near[reachable], others[reachable]
+            inter = clip_area(quads[others], quads[i][None])
             union = areas[i] + areas[others] - inter
             iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-            suppressed = near[iou > iou_threshold]
-            neighbours = near[iou > neighbour_iou]
+            over = iou > iou_threshold
+            close = iou > neighbour_iou
+            neighbours = near[close]
+            if len(neighbours) < min_neighbours:
+                over &= ~close  # dropped: its neighbours come back, what it merely suppressed does not
+            suppressed = near[over]
         if len(neighbours) >= min_neighbours:
             members = np.append(order[pending[neighbours]], order[i])
             weights = scores[members].reshape(-1, 1)
@@ -233,9 +248,6 @@ def nms_quads(
             merged_boxes.append((boxes[members] * weights).sum(axis=0) / weights.sum())
             if extra is not None:
                 merged_extra.append((extra[members] * weights).sum(axis=0) / weights.sum())
-        else:
-            # Dropped: its neighbours come back, but what it merely suppressed stays suppressed.
-            suppressed = np.setdiff1d(suppressed, neighbours)
         if len(suppressed):
             alive = np.ones(len(pending), bool)
             alive[suppressed] = False

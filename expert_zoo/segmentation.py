@@ -41,7 +41,9 @@ def class_names() -> list[str]:
     return load_label_names("coco_panoptic_133_names.json", NUM_CLASSES)
 
 
-def prismer_resize_shape(height: int, width: int, size: int = RESIZE_SHORT, max_size: int = RESIZE_MAX) -> tuple[int, int]:
+def prismer_resize_shape(
+    height: int, width: int, size: int = RESIZE_SHORT, max_size: int = RESIZE_MAX
+) -> tuple[int, int]:
     """(H, W) after torchvision ``Resize(size, max_size=max_size)``: short side → size unless long > max."""
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
@@ -70,7 +72,9 @@ def preprocess(image: np.ndarray, bgr: bool = False) -> torch.Tensor:
     return (tensor - mean) / std
 
 
-def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def semantic_scores(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """Q×(C+1) class logits and Q×h×w mask logits → C×H×W class scores at ``size`` (Mask2Former semantic).
 
     The last class is "no object" and is dropped after the softmax.
@@ -80,7 +84,9 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, size:
     return torch.einsum("qc,qhw->chw", probs, masks.sigmoid())
 
 
-def _linear_taps(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_taps(
+    out_size: int, in_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weight of 1-D linear interpolation, ``align_corners=False`` (PyTorch's rule)."""
     src = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
     src = src.clamp_(min=0.0)
@@ -89,7 +95,9 @@ def _linear_taps(out_size: int, in_size: int, device: torch.device) -> tuple[tor
     return lo, hi, (src - lo).float()
 
 
-def resize_argmax(scores: torch.Tensor, size: tuple[int, int], max_elements: int = _SCORE_CHUNK_ELEMENTS) -> torch.Tensor:
+def resize_argmax(
+    scores: torch.Tensor, size: tuple[int, int], max_elements: int = _SCORE_CHUNK_ELEMENTS
+) -> torch.Tensor:
     """argmax over C of the C×h×w ``scores`` resized bilinearly (align_corners=False) to ``size``.
 
     Same result as ``F.interpolate(scores[None], size, mode="bilinear").argmax(1)`` but done in bands of
@@ -117,8 +125,8 @@ def check_label_space(id2label: Mapping[int, str] | None, num_labels: int) -> No
     """
     if num_labels != NUM_CLASSES:
         raise ValueError(
-            f"seg_coco:mask2former needs a COCO-panoptic model with {NUM_CLASSES} classes; these weights have "
-            f"{num_labels}. Use e.g. {DEFAULT_WEIGHTS}"
+            f"seg_coco:mask2former needs a COCO-panoptic model with {NUM_CLASSES} classes; these weights "
+            f"have {num_labels}. Use e.g. {DEFAULT_WEIGHTS}"
         )
     names = {int(k): str(v) for k, v in (id2label or {}).items()}
     if not names or all(v == f"LABEL_{k}" for k, v in names.items()):
@@ -126,7 +134,9 @@ def check_label_space(id2label: Mapping[int, str] | None, num_labels: int) -> No
     expected = class_names()[:NUM_THING_CLASSES]
     wrong = [(i, names.get(i), expected[i]) for i in range(NUM_THING_CLASSES) if names.get(i) != expected[i]]
     if len(wrong) > NUM_THING_CLASSES // 8:
-        raise ValueError(f"these weights' classes are not in COCO-panoptic order: (id, model, expected) {wrong[:5]}…")
+        raise ValueError(
+            f"these weights' classes are not in COCO-panoptic order: (id, model, expected) {wrong[:5]}…"
+        )
     if wrong:
         logger.warning("Mask2Former thing-class names differ from Prismer's at %s", wrong)
 
@@ -158,7 +168,7 @@ class Mask2FormerCOCO(Expert):
         self.torch_device = resolve_device(device)
         model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
         self.weights_digest = model_dir_digest(model_dir)
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = Mask2FormerForUniversalSegmentation.from_pretrained(str(model_dir)).float()
         check_label_space(model.config.id2label, model.config.num_labels)
         self.model = model.eval().to(self.torch_device)
         self.bgr = bool(self.config.get("bgr", False))
@@ -179,7 +189,9 @@ class Mask2FormerCOCO(Expert):
         for shape, indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                results = self._segment([inputs[i] for i in chunk], shape, [images[i].shape[:2] for i in chunk])
+                results = self._segment(
+                    [inputs[i] for i in chunk], shape, [images[i].shape[:2] for i in chunk]
+                )
                 for index, result in zip(chunk, results):
                     maps[index] = result
         return [Label(map=m) for m in maps]
@@ -190,7 +202,9 @@ class Mask2FormerCOCO(Expert):
         """Normalised tensors of one padded ``shape`` → uint8 class maps at the original ``sizes``."""
         batch = torch.zeros((len(inputs), 3, *shape), dtype=torch.float32)
         for i, tensor in enumerate(inputs):
-            batch[i, :, : tensor.shape[1], : tensor.shape[2]] = tensor  # zero = the mean colour, as detectron2
+            batch[i, :, : tensor.shape[1], : tensor.shape[2]] = (
+                tensor  # zero = the mean colour, as detectron2
+            )
         batch = batch.to(self.torch_device, non_blocking=True)
         with inference(self.torch_device):
             out = self.model(pixel_values=batch)

@@ -23,7 +23,7 @@ import math
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,11 @@ ALIASES: dict[str, str] = {
     "text_decoder.lm_head.decoder.weight": "text_decoder.roberta.embeddings.word_embeddings.weight",
     "text_decoder.lm_head.decoder.bias": "text_decoder.lm_head.bias",
 }
+
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]  # attention keys, values: [b, heads, tokens, head_dim]
+Context = torch.Tensor | KeyValue | None  # what a text attention attends to besides itself
+Vision = torch.Tensor | list[KeyValue]  # vision tokens, or every decoder layer's cross-attention keys/values
 
 
 def stem_name(expert: str) -> str:
@@ -381,11 +386,15 @@ class TextSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, width)
         self.value = nn.Linear(kv_width, width)
 
+    def keys_values(self, source: torch.Tensor) -> KeyValue:
+        return _split_heads(self.key(source), self.heads), _split_heads(self.value(source), self.heads)
+
     def forward(
-        self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: Context = None
     ) -> torch.Tensor:
-        source = x if context is None else context
-        q, k, v = (_split_heads(t, self.heads) for t in (self.query(x), self.key(source), self.value(source)))
+        """Self-attention (``context=None``), else cross-attention to tokens or precomputed keys/values."""
+        q = _split_heads(self.query(x), self.heads)
+        k, v = context if isinstance(context, tuple) else self.keys_values(x if context is None else context)
         bias = None
         if allowed is not None:
             # HF-style additive mask (finfo.min, not -inf): a fully masked row stays finite.
@@ -416,7 +425,7 @@ class TextAttention(nn.Module):
         self.output = TextAttentionOutput(width, config.layer_norm_eps, config.hidden_dropout)
 
     def forward(
-        self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: Context = None
     ) -> torch.Tensor:
         return self.output(self.self(x, allowed, context), x)
 
@@ -471,7 +480,7 @@ class DecoderLayer(nn.ModuleList):
             ]
         )
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: Context) -> torch.Tensor:
         layer, cross_attention, adaptor = self[0], self[1], self[2]
         x = layer.attention(x, allowed)
         x = cross_attention(x, context=vision)
@@ -511,9 +520,10 @@ class TextEncoder(nn.Module):
         self.output_layer = TextLayer(config)  # new; no cross-attention
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
-        for layer in self.layer:
-            x = _run(layer, self.gradient_checkpointing, x, allowed, vision)
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: Vision) -> torch.Tensor:
+        for i, layer in enumerate(self.layer):
+            context = vision[i] if isinstance(vision, list) else vision
+            x = _run(layer, self.gradient_checkpointing, x, allowed, context)
         return self.output_layer(x, allowed)
 
 
@@ -523,7 +533,7 @@ class RobertaBackbone(nn.Module):
         self.embeddings = TextEmbeddings(config)
         self.encoder = TextEncoder(config)
 
-    def forward(self, input_ids: torch.Tensor, allowed: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, allowed: torch.Tensor, vision: Vision) -> torch.Tensor:
         return self.encoder(self.embeddings(input_ids), allowed, vision)
 
 
@@ -553,16 +563,28 @@ class TextDecoder(nn.Module):
         self.roberta = RobertaBackbone(config)
         self.lm_head = LMHead(config)
         self.apply(_init_text_weights)  # before tying, so the embeddings' padding rows stay zero
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """LM-head decoder weight = word embeddings, decoder bias = ``lm_head.bias`` (as HF RoBERTa)."""
         self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
+        self.lm_head.decoder.bias = self.lm_head.bias
+
+    def cross_keys_values(self, vision: torch.Tensor) -> list[KeyValue]:
+        """Per-layer cross-attention keys/values of the vision tokens, to reuse across generation steps."""
+        return [layer[1].self.keys_values(vision) for layer in self.roberta.encoder.layer]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        vision: torch.Tensor,
+        vision: Vision,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(last hidden state [b, n, d], logits [b, n or 1, vocab])``."""
+        """Returns ``(last hidden state [b, n, d], logits [b, n or 1, vocab])``.
+
+        ``vision``: vision tokens ``[b, m, vision_width]`` or :meth:`cross_keys_values` of them.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.roberta(input_ids, decoder_attention_mask(attention_mask), vision)
@@ -629,6 +651,12 @@ class PrismerModel(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad_(not is_frozen_parameter(name, mode))
         self.freeze_mode = mode
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> PrismerModel:
+        """As nn.Module.to_empty (e.g. after building on ``meta``), keeping the LM head tied."""
+        super().to_empty(device=device, recurse=recurse)
+        self.text_decoder.tie_weights()
+        return self
 
     def frozen_modules(self) -> list[nn.Module]:
         """The frozen pretrained blocks (e.g. FSDP ``ignored_modules``)."""
@@ -791,7 +819,7 @@ class _Hypotheses:
 
 @torch.no_grad()
 def beam_search(
-    decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    decoder: TextDecoder,
     vision_tokens: torch.Tensor,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor | None,
@@ -810,7 +838,12 @@ def beam_search(
         prompt_mask = torch.ones_like(prompt_ids)
     ids = prompt_ids.repeat_interleave(num_beams, dim=0)
     mask = prompt_mask.repeat_interleave(num_beams, dim=0)
-    vision = vision_tokens.repeat_interleave(num_beams, dim=0)
+    # The vision tokens' cross-attention keys/values are the same at every step: project them once per
+    # sample, then repeat them for each beam.
+    vision = [
+        (k.repeat_interleave(num_beams, dim=0), v.repeat_interleave(num_beams, dim=0))
+        for k, v in decoder.cross_keys_values(vision_tokens)
+    ]
     beam_scores = torch.zeros(batch, num_beams, device=ids.device)
     beam_scores[:, 1:] = -1e9  # all beams start identical: only the first may expand at step one
     beam_scores = beam_scores.view(-1)

@@ -1,4 +1,4 @@
-"""EfficientNet with TensorFlow-compatible layers (the ``tf_efficientnet_*`` family), written for this project.
+"""EfficientNet with TensorFlow-compatible layers (the ``tf_efficientnet_*`` family), our own port.
 
 The TF-ported checkpoints need three things a plain PyTorch EfficientNet does not do:
 

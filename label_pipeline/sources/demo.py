@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 import tempfile
 from typing import Any, Callable, Iterator
 
@@ -90,14 +89,14 @@ def build_demo_dataset(root: str) -> list[str]:
     """Write the demo tars under ``root`` unless a complete build is already there."""
     fs, path = fsspec.core.url_to_fs(root)
     marker = f"{path}/_demo_complete.json"
-    samples = list(demo_samples())
-    shards = [samples[i : i + SAMPLES_PER_SHARD] for i in range(0, len(samples), SAMPLES_PER_SHARD)]
-    names = [f"{path}/{i:05d}.tar" for i in range(len(shards))]
+    shard_count = -(-len(DEMO_IMAGES) // SAMPLES_PER_SHARD)
+    names = [f"{path}/{i:05d}.tar" for i in range(shard_count)]
     if fs.exists(marker) and json.loads(fs.cat(marker)).get("version") == DEMO_VERSION:
         return names
+    samples = list(demo_samples())
     fs.makedirs(path, exist_ok=True)
-    for name, shard in zip(names, shards):
-        _write_atomically(fs, name, shard)
+    for index, name in enumerate(names):
+        _write_atomically(fs, name, samples[index * SAMPLES_PER_SHARD : (index + 1) * SAMPLES_PER_SHARD])
     fs.pipe(marker, json.dumps({"version": DEMO_VERSION, "shards": len(names)}).encode())
     logger.info("built the demo dataset: %d images in %d shards under %s", len(samples), len(names), root)
     return names
@@ -130,7 +129,3 @@ class DemoSource:
 
     def read(self, shard: InputShard, report: ShardReadReport) -> Iterator[Sample]:
         return WebDatasetSource(self.path).read(shard, report)
-
-
-def is_tar(data: bytes) -> bool:
-    return tarfile.is_tarfile(io.BytesIO(data))
