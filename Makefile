@@ -12,7 +12,7 @@ EXPERTS ?=
 RUN_ARGS := $(if $(OUT),--out $(OUT)) $(if $(EXPERTS),--experts $(EXPERTS)) --runner $(RUNNER)
 LABELS_DIR = $(if $(OUT),$(OUT),$(LABELS_ROOT)/$(DATASET))
 
-.PHONY: labels test lint weights inspect clean-demo
+.PHONY: labels test lint weights inspect download prepare train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,17 @@ weights: $(VENV)/.full
 
 inspect: $(VENV)/.base
 	$(BIN)/label-pipeline inspect $(LABELS_DIR)/shards/00000.tar --out $(LABELS_DIR)/sheet.png
+
+# Input shards from the published URL lists (CC3M, SBU, CC12M) with img2dataset; see docs/DATASETS.md.
+download: $(VENV)/.full
+	$(BIN)/python -m label_pipeline.download $(DATASET) --data-root $(DATA_ROOT)
+
+# COCO / VG: check the archives the user downloaded; see docs/DATASETS.md.
+prepare: $(VENV)/.base
+	$(BIN)/python -m label_pipeline.prepare $(DATASET) --data-root $(DATA_ROOT)
+
+# The bundled Prismer trainer over label shards (CONFIG: tiny for the demo, prismer_base, prismer_large).
+CONFIG ?= $(if $(filter demo,$(DATASET)),tiny,prismer_base)
+train: $(VENV)/.full
+	@if [ "$(DATASET)" = demo ] && [ ! -f $(LABELS_ROOT)/demo/records/00000.done.json ]; then $(MAKE) labels; fi
+	$(BIN)/python -m prismer_trainer train --dataset $(DATASET) --config $(CONFIG)

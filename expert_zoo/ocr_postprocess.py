@@ -142,6 +142,70 @@ def clip_area(subjects: np.ndarray, clips: np.ndarray) -> np.ndarray:
     return np.where(np.broadcast_to(orientation == 0, areas.shape), 0.0, areas)
 
 
+def convex_intersection_areas(quad: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Area of ``quad ∩ others[m]`` for one convex quadrilateral (4, 2) and many (M, 4, 2), float64.
+
+    The intersection of two convex polygons is the convex hull of the vertices of each inside the
+    other and of the edge crossings; those points are ordered by angle around their mean and summed
+    with the shoelace formula, all M at once. Both inputs must be convex and non-degenerate in area
+    for the inside tests (a zero-area input gives 0 or a zero-area hull).
+    """
+    a = np.asarray(quad, dtype=np.float64)
+    b = np.asarray(others, dtype=np.float64)
+    m = len(b)
+    if m == 0:
+        return np.zeros(0)
+    a_next = np.roll(a, -1, axis=0)
+    b_next = np.concatenate([b[:, 1:], b[:, :1]], axis=1)
+    a_edge, b_edge = a_next - a, b_next - b  # (4, 2), (M, 4, 2)
+    a_sign = np.sign(_signed_area(a[None])[0])
+    b_sign = np.sign(_signed_area(b))
+    eps = 1e-9
+    # Vertices of ``others`` inside ``quad``: on the inner side of all four edges (closed).
+    rel = b[:, :, None, :] - a[None, None, :, :]  # (M, 4 vertices, 4 edges, 2)
+    side = a_edge[None, None, :, 0] * rel[..., 1] - a_edge[None, None, :, 1] * rel[..., 0]
+    tol = eps * (np.abs(a_edge).sum(axis=1) * (np.abs(rel).sum(axis=-1) + 1.0))
+    b_in = (side * a_sign >= -tol).all(axis=2)  # (M, 4)
+    # Vertices of ``quad`` inside each of ``others``.
+    rel = a[None, :, None, :] - b[:, None, :, :]  # (M, 4 vertices, 4 edges, 2)
+    side = b_edge[:, None, :, 0] * rel[..., 1] - b_edge[:, None, :, 1] * rel[..., 0]
+    tol = eps * (np.abs(b_edge).sum(axis=2)[:, None, :] * (np.abs(rel).sum(axis=-1) + 1.0))
+    a_in = (side * b_sign[:, None, None] >= -tol).all(axis=2)  # (M, 4)
+    # Crossings of edge i of ``quad`` with edge j of each of ``others``: p + t r = q + u s.
+    r = a_edge[None, :, None, :]
+    s = b_edge[:, None, :, :]
+    qp = b[:, None, :, :] - a[None, :, None, :]  # (M, 4, 4, 2)
+    denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
+    safe = np.where(denom == 0, 1.0, denom)
+    t = (qp[..., 0] * s[..., 1] - qp[..., 1] * s[..., 0]) / safe
+    u = (qp[..., 0] * r[..., 1] - qp[..., 1] * r[..., 0]) / safe
+    crossed = (denom != 0) & (t >= -eps) & (t <= 1 + eps) & (u >= -eps) & (u <= 1 + eps)
+    crossing = a[None, :, None, :] + t[..., None] * r  # (M, 4, 4, 2)
+
+    points = np.concatenate(
+        [np.broadcast_to(a, (m, 4, 2)), b, crossing.reshape(m, 16, 2)], axis=1
+    )  # (M, 24, 2)
+    valid = np.concatenate([a_in, b_in, crossed.reshape(m, 16)], axis=1)
+    count = valid.sum(axis=1)
+    centre = (points * valid[..., None]).sum(axis=1) / np.maximum(count, 1)[:, None]
+    angle = np.arctan2(points[..., 1] - centre[:, 1:2], points[..., 0] - centre[:, 0:1])
+    order = np.argsort(np.where(valid, angle, np.inf), axis=1)
+    # Invalid points sort last; they repeat the last valid point (zero-length edges).
+    slot = np.minimum(np.arange(points.shape[1])[None, :], np.maximum(count - 1, 0)[:, None])
+    hull = np.take_along_axis(points, np.take_along_axis(order, slot, axis=1)[..., None], axis=1)
+    areas = np.abs(_signed_area(hull))
+    areas[(count < 3) | (b_sign == 0) | (a_sign == 0)] = 0.0
+    return areas
+
+
+def _signed_area(polys: np.ndarray) -> np.ndarray:
+    """Signed shoelace area of (M, K, 2) polygons: positive when counter-clockwise in x-right/y-up."""
+    x, y = polys[..., 0], polys[..., 1]
+    x_next = np.concatenate([x[:, 1:], x[:, :1]], axis=1)
+    y_next = np.concatenate([y[:, 1:], y[:, :1]], axis=1)
+    return 0.5 * (x * y_next - x_next * y).sum(axis=1)
+
+
 def rotated_boxes(
     xs: np.ndarray,
     ys: np.ndarray,
@@ -232,7 +296,7 @@ def nms_quads(
             bound = np.minimum(bound, np.minimum(areas[others], areas[i]))
             reachable = bound > lowest * (areas[i] + areas[others] - bound) * (1 - 1e-9)
             near, others = near[reachable], others[reachable]
-            inter = clip_area(quads[others], quads[i][None])
+            inter = convex_intersection_areas(quads[i], quads[others])
             union = areas[i] + areas[others] - inter
             iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
             over = iou > iou_threshold
