@@ -16,13 +16,12 @@ import io
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 from expert_zoo.registry import build_expert
 from label_pipeline.config import load_manifest
 from label_pipeline.decode import decode_image
-from label_pipeline.runners.local import run_local
 from label_pipeline.run import RunOptions
+from label_pipeline.runners.local import run_local
 from label_pipeline.sources import ShardReadReport, build_source
 from label_pipeline.tario import write_tar
 
@@ -68,7 +67,8 @@ def main() -> None:
             bare_total += elapsed
             rows.append((f"expert {task}", elapsed))
         _, t_encode = timed(
-            lambda: [experts[t].encode(lab) for t, labs in labels_by_task.items() for lab in labs], repeat=args.repeat
+            lambda: [experts[t].encode(lab) for t, labs in labels_by_task.items() for lab in labs],
+            repeat=args.repeat,
         )
         members = [[(f"k{i}.jpg", b)] for i, b in enumerate(raw)]
         _, t_write = timed(lambda: write_tar(io.BytesIO(), members), repeat=args.repeat)
@@ -79,10 +79,13 @@ def main() -> None:
         assert summary.samples == len(samples), (summary.samples, len(samples))
 
         # decode once + hand the same array to N consumers, vs every consumer decoding for itself
-        _, t_once = timed(lambda: [[a for _ in range(args.consumers)] for a in
-                                   (decode_image(b).array for b in raw)], repeat=args.repeat)
-        _, t_each = timed(lambda: [[decode_image(b).array for _ in range(args.consumers)] for b in raw],
-                          repeat=args.repeat)
+        _, t_once = timed(
+            lambda: [[a for _ in range(args.consumers)] for a in (decode_image(b).array for b in raw)],
+            repeat=args.repeat,
+        )
+        _, t_each = timed(
+            lambda: [[decode_image(b).array for _ in range(args.consumers)] for b in raw], repeat=args.repeat
+        )
 
     print(f"images: {n}   experts: {', '.join(experts)}   source: {args.manifest}\n")
     print(f"{'stage':<28}{'ms / image':>12}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -88,9 +89,8 @@ class Expert:
             raise RuntimeError(f"{self.spec.name} returned {len(labels)} labels for {len(images)} images")
         for image, label in zip(images, labels):
             if label.map.shape[:2] != image.shape[:2]:
-                raise RuntimeError(
-                    f"{self.spec.name} label {label.map.shape[:2]} is not aligned with image {image.shape[:2]}"
-                )
+                got, want = label.map.shape[:2], image.shape[:2]
+                raise RuntimeError(f"{self.spec.name} label {got} is not aligned with image {want}")
         return labels
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
@@ -122,12 +122,14 @@ class ExpertRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, item: str | Mapping[str, Any]) -> "ExpertRequest":
+    def parse(cls, item: str | Mapping[str, Any]) -> ExpertRequest:
         if isinstance(item, str):
             task, _, backend = item.partition(":")
             return cls(task=task.strip(), backend=backend.strip() or None)
         if not isinstance(item, Mapping) or "name" not in item:
-            raise ValueError(f"an expert entry must be 'task[:backend]' or a mapping with 'name', got {item!r}")
+            raise ValueError(
+                f"an expert entry must be 'task[:backend]' or a mapping with 'name', got {item!r}"
+            )
         unknown = set(item) - {"name", "options"}
         if unknown:
             raise ValueError(f"unknown key(s) {sorted(unknown)} in expert entry {item!r}")

@@ -4,34 +4,28 @@ Prismer's depth expert loads ``dpt_hybrid-midas-501f0c75.pt`` into the MiDaS/DPT
 (``DPTDepthModel(backbone="vitb_rn50_384", non_negative=True)``, a timm ``vit_base_r50_s16_384`` backbone).
 This module rebuilds the same network from transformers parts and maps the 368 original entries onto it.
 
-Key mapping (original → transformers; ``{i}`` ranges are the original ones, shapes are unchanged unless noted):
+Key mapping, original → transformers (shapes unchanged unless noted; ``k`` = 1..4):
 
-======================================================  =====================================================
-``pretrained.model.cls_token``                           ``dpt.embeddings.cls_token``
-``pretrained.model.pos_embed`` (1×577×768, 24×24 grid)   ``dpt.embeddings.position_embeddings`` (kept as is,
-                                                         resized at run time, see below)
-``pretrained.model.patch_embed.backbone.stem.conv``      ``dpt.embeddings.backbone.bit.embedder.convolution``
-``pretrained.model.patch_embed.backbone.stem.norm``      ``dpt.embeddings.backbone.bit.embedder.norm``
-``….backbone.stages.{s}.blocks.{b}.{conv,norm}{1,2,3}``  ``….bit.encoder.stages.{s}.layers.{b}.{conv,norm}{1,2,3}``
-``….backbone.stages.{s}.blocks.0.downsample.{conv,norm}``  ``….bit.encoder.stages.{s}.layers.0.downsample.…``
-``pretrained.model.patch_embed.proj``                    ``dpt.embeddings.projection``
-``pretrained.model.blocks.{i}.norm1`` / ``norm2``        ``dpt.encoder.layer.{i}.layernorm_before`` / ``_after``
-``pretrained.model.blocks.{i}.attn.qkv`` (2304×768)      ``dpt.encoder.layer.{i}.attention.attention.{query,key,
-                                                         value}`` (rows 0:768, 768:1536, 1536:2304)
-``pretrained.model.blocks.{i}.attn.proj``                ``dpt.encoder.layer.{i}.attention.output.dense``
-``pretrained.model.blocks.{i}.mlp.fc1`` / ``fc2``        ``dpt.encoder.layer.{i}.intermediate.dense`` /
-                                                         ``output.dense``
-``pretrained.model.norm``                                ``dpt.layernorm`` (computed, not used by the depth head
-                                                         in either implementation)
-``pretrained.act_postprocess{3,4}.0.project.0``          ``neck.reassemble_stage.readout_projects.{2,3}.0``
-``pretrained.act_postprocess{3,4}.3``                    ``neck.reassemble_stage.layers.{2,3}.projection``
-``pretrained.act_postprocess4.4`` (3×3, stride 2)        ``neck.reassemble_stage.layers.3.resize``
-``scratch.layer{k}_rn`` (k = 1..4)                       ``neck.convs.{k-1}``
-``scratch.refinenet{k}.out_conv``                        ``neck.fusion_stage.layers.{4-k}.projection``
-``scratch.refinenet{k}.resConfUnit{u}.conv{c}``          ``neck.fusion_stage.layers.{4-k}.residual_layer{u}
-                                                         .convolution{c}``
-``scratch.output_conv.{0,2,4}``                          ``head.head.{0,2,4}``
-======================================================  =====================================================
+* ``pretrained.model.cls_token`` → ``dpt.embeddings.cls_token``
+* ``pretrained.model.pos_embed`` (1×577×768, 24×24 grid + cls) → ``dpt.embeddings.position_embeddings``,
+  kept as is and resized at run time (see below)
+* ``pretrained.model.patch_embed.backbone.`` → ``dpt.embeddings.backbone.bit.``, with
+  ``stem.conv`` → ``embedder.convolution``, ``stem.norm`` → ``embedder.norm`` and
+  ``stages.{s}.blocks.{b}.`` → ``encoder.stages.{s}.layers.{b}.`` (``conv1..3``, ``norm1..3`` and
+  ``downsample.{conv,norm}`` keep their names)
+* ``pretrained.model.patch_embed.proj`` → ``dpt.embeddings.projection``
+* ``pretrained.model.blocks.{i}.`` → ``dpt.encoder.layer.{i}.``, with ``norm1`` → ``layernorm_before``,
+  ``norm2`` → ``layernorm_after``, ``attn.proj`` → ``attention.output.dense``, ``mlp.fc1`` →
+  ``intermediate.dense``, ``mlp.fc2`` → ``output.dense``, and ``attn.qkv`` (2304×768, 2304) split by rows
+  into ``attention.attention.query`` / ``key`` / ``value`` (rows 0:768, 768:1536, 1536:2304)
+* ``pretrained.model.norm`` → ``dpt.layernorm`` (computed, but the depth head never reads it, in either)
+* ``pretrained.act_postprocess{3,4}.0.project.0`` → ``neck.reassemble_stage.readout_projects.{2,3}.0``
+* ``pretrained.act_postprocess{3,4}.3`` → ``neck.reassemble_stage.layers.{2,3}.projection``
+* ``pretrained.act_postprocess4.4`` (3×3 stride 2) → ``neck.reassemble_stage.layers.3.resize``
+* ``scratch.layer{k}_rn`` → ``neck.convs.{k-1}``
+* ``scratch.refinenet{k}.`` → ``neck.fusion_stage.layers.{4-k}.`` (transformers fuses deepest first), with
+  ``out_conv`` → ``projection`` and ``resConfUnit{u}.conv{c}`` → ``residual_layer{u}.convolution{c}``
+* ``scratch.output_conv.{0,2,4}`` → ``head.head.{0,2,4}``
 
 Unused: ``pretrained.model.head.{weight,bias}`` (the ImageNet classifier of the timm ViT, 1000×768) has no
 counterpart; the original never calls it either. Every other entry must be consumed and every transformers
@@ -45,14 +39,11 @@ and ``allow_input_size`` lets the model accept inputs other than the config's 38
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 #: Original entries with no transformers counterpart (the ViT's ImageNet classifier, never evaluated).
 UNUSED_ORIGINAL_KEYS = ("pretrained.model.head.weight", "pretrained.model.head.bias")
@@ -144,9 +135,14 @@ _RULES: list[tuple[re.Pattern[str], Callable[..., str]]] = [
     (re.compile(r"pretrained\.model\.cls_token"), lambda: "dpt.embeddings.cls_token"),
     (re.compile(r"pretrained\.model\.pos_embed"), lambda: "dpt.embeddings.position_embeddings"),
     (re.compile(r"pretrained\.model\.patch_embed\.backbone\.(.+)"), _rename_bit),
-    (re.compile(r"pretrained\.model\.patch_embed\.proj\.(weight|bias)"), lambda leaf: f"dpt.embeddings.projection.{leaf}"),
     (
-        re.compile(r"pretrained\.model\.blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"),
+        re.compile(r"pretrained\.model\.patch_embed\.proj\.(weight|bias)"),
+        lambda leaf: f"dpt.embeddings.projection.{leaf}",
+    ),
+    (
+        re.compile(
+            r"pretrained\.model\.blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+        ),
         _rename_vit_block,
     ),
     (re.compile(r"pretrained\.model\.norm\.(weight|bias)"), lambda leaf: f"dpt.layernorm.{leaf}"),

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,9 +68,8 @@ class DPTHybridDepth(Expert):
         from expert_zoo.convert_dpt import allow_input_size
 
         allow_input_size(self.model, INPUT_SIZE)
+        # No channels_last: the BiT stem is GroupNorm + weight-standardised convs, not measured to gain.
         self.model.to(self.torch_device).eval()
-        if self.torch_device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
         logger.info("loaded %s from %s in %.1f s", self.spec.name, path, time.perf_counter() - started)
 
     # -- stages, public so tests and the detection expert can reuse them -----------------------
@@ -80,8 +80,6 @@ class DPTHybridDepth(Expert):
     def inverse_depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """N×3×480×480 normalised input → N×480×480 float32 relative inverse depth (≥ 0, bright = near)."""
         pixel_values = pixel_values.to(self.torch_device)
-        if self.torch_device.type == "cuda":
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         with inference(self.torch_device, self.dtype):
             depth = self.model(pixel_values=pixel_values).predicted_depth
         return depth.float()
@@ -115,7 +113,8 @@ def depth_to_label(depth: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def _load_transformers_dir(path: Path) -> tuple[torch.nn.Module, str]:
     from transformers import DPTForDepthEstimation
 
-    model = DPTForDepthEstimation.from_pretrained(path, dtype=torch.float32)
+    # .float() rather than a dtype argument: its name changed across transformers versions.
+    model = DPTForDepthEstimation.from_pretrained(path).float()
     if not model.config.is_hybrid:
         raise ValueError(f"{path} holds a non-hybrid DPT; depth:dpt_hybrid needs a DPT-Hybrid model")
     return model, _directory_digest(path)

@@ -47,7 +47,8 @@ CHARSET = "abcdefghijklmnopqrstuvwxyz0123456789!#\"%$'&)(+*-,/.;:=<?>@[]\\_^`{}|
 MAX_WORDS = 254  # word indices 0..253: 255 is background and 254 is kept free
 
 _MAP_NAMES = ("word_fg", "word_tblr", "word_orient", "char_fg", "char_tblr", "char_cls")
-_PAIR_CHUNK = 1 << 17  # word×char pairs clipped at once, to bound memory
+_PAIR_CHUNK = 1 << 17  # polygon pairs clipped at once, to bound memory
+_MAX_BLOCK = 64  # NMS: most boxes whose IoUs are computed together
 
 
 @dataclass(frozen=True)
@@ -142,70 +143,6 @@ def clip_area(subjects: np.ndarray, clips: np.ndarray) -> np.ndarray:
     return np.where(np.broadcast_to(orientation == 0, areas.shape), 0.0, areas)
 
 
-def convex_intersection_areas(quad: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Area of ``quad ∩ others[m]`` for one convex quadrilateral (4, 2) and many (M, 4, 2), float64.
-
-    The intersection of two convex polygons is the convex hull of the vertices of each inside the
-    other and of the edge crossings; those points are ordered by angle around their mean and summed
-    with the shoelace formula, all M at once. Both inputs must be convex and non-degenerate in area
-    for the inside tests (a zero-area input gives 0 or a zero-area hull).
-    """
-    a = np.asarray(quad, dtype=np.float64)
-    b = np.asarray(others, dtype=np.float64)
-    m = len(b)
-    if m == 0:
-        return np.zeros(0)
-    a_next = np.roll(a, -1, axis=0)
-    b_next = np.concatenate([b[:, 1:], b[:, :1]], axis=1)
-    a_edge, b_edge = a_next - a, b_next - b  # (4, 2), (M, 4, 2)
-    a_sign = np.sign(_signed_area(a[None])[0])
-    b_sign = np.sign(_signed_area(b))
-    eps = 1e-9
-    # Vertices of ``others`` inside ``quad``: on the inner side of all four edges (closed).
-    rel = b[:, :, None, :] - a[None, None, :, :]  # (M, 4 vertices, 4 edges, 2)
-    side = a_edge[None, None, :, 0] * rel[..., 1] - a_edge[None, None, :, 1] * rel[..., 0]
-    tol = eps * (np.abs(a_edge).sum(axis=1) * (np.abs(rel).sum(axis=-1) + 1.0))
-    b_in = (side * a_sign >= -tol).all(axis=2)  # (M, 4)
-    # Vertices of ``quad`` inside each of ``others``.
-    rel = a[None, :, None, :] - b[:, None, :, :]  # (M, 4 vertices, 4 edges, 2)
-    side = b_edge[:, None, :, 0] * rel[..., 1] - b_edge[:, None, :, 1] * rel[..., 0]
-    tol = eps * (np.abs(b_edge).sum(axis=2)[:, None, :] * (np.abs(rel).sum(axis=-1) + 1.0))
-    a_in = (side * b_sign[:, None, None] >= -tol).all(axis=2)  # (M, 4)
-    # Crossings of edge i of ``quad`` with edge j of each of ``others``: p + t r = q + u s.
-    r = a_edge[None, :, None, :]
-    s = b_edge[:, None, :, :]
-    qp = b[:, None, :, :] - a[None, :, None, :]  # (M, 4, 4, 2)
-    denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
-    safe = np.where(denom == 0, 1.0, denom)
-    t = (qp[..., 0] * s[..., 1] - qp[..., 1] * s[..., 0]) / safe
-    u = (qp[..., 0] * r[..., 1] - qp[..., 1] * r[..., 0]) / safe
-    crossed = (denom != 0) & (t >= -eps) & (t <= 1 + eps) & (u >= -eps) & (u <= 1 + eps)
-    crossing = a[None, :, None, :] + t[..., None] * r  # (M, 4, 4, 2)
-
-    points = np.concatenate(
-        [np.broadcast_to(a, (m, 4, 2)), b, crossing.reshape(m, 16, 2)], axis=1
-    )  # (M, 24, 2)
-    valid = np.concatenate([a_in, b_in, crossed.reshape(m, 16)], axis=1)
-    count = valid.sum(axis=1)
-    centre = (points * valid[..., None]).sum(axis=1) / np.maximum(count, 1)[:, None]
-    angle = np.arctan2(points[..., 1] - centre[:, 1:2], points[..., 0] - centre[:, 0:1])
-    order = np.argsort(np.where(valid, angle, np.inf), axis=1)
-    # Invalid points sort last; they repeat the last valid point (zero-length edges).
-    slot = np.minimum(np.arange(points.shape[1])[None, :], np.maximum(count - 1, 0)[:, None])
-    hull = np.take_along_axis(points, np.take_along_axis(order, slot, axis=1)[..., None], axis=1)
-    areas = np.abs(_signed_area(hull))
-    areas[(count < 3) | (b_sign == 0) | (a_sign == 0)] = 0.0
-    return areas
-
-
-def _signed_area(polys: np.ndarray) -> np.ndarray:
-    """Signed shoelace area of (M, K, 2) polygons: positive when counter-clockwise in x-right/y-up."""
-    x, y = polys[..., 0], polys[..., 1]
-    x_next = np.concatenate([x[:, 1:], x[:, :1]], axis=1)
-    y_next = np.concatenate([y[:, 1:], y[:, :1]], axis=1)
-    return 0.5 * (x * y_next - x_next * y).sum(axis=1)
-
-
 def rotated_boxes(
     xs: np.ndarray,
     ys: np.ndarray,
@@ -273,55 +210,82 @@ def nms_quads(
     keep: list[int] = []
     merged_boxes: list[np.ndarray] = []
     merged_extra: list[np.ndarray] = []
-    # The still-unvisited, unsuppressed positions (into ``order``) and their bounding boxes, compacted.
+    alive = np.ones(n, bool)  # by position in ``order``: not suppressed
     # A zero-area box has IoU 0 with everything: it never suppresses, is never suppressed and never
     # has a neighbour, so unless boxes without neighbours are kept it can be left out from the start.
     pending = np.flatnonzero(areas > 0) if min_neighbours > 0 else np.arange(n)
-    p_lo, p_hi = lo[pending], hi[pending]
+    block = 8
     while len(pending):
-        i = pending[0]
-        pending, p_lo, p_hi = pending[1:], p_lo[1:], p_hi[1:]
-        near = np.flatnonzero(
-            (p_lo[:, 0] <= hi[i, 0])
-            & (p_hi[:, 0] >= lo[i, 0])
-            & (p_lo[:, 1] <= hi[i, 1])
-            & (p_hi[:, 1] >= lo[i, 1])
-        )
-        suppressed = neighbours = near[:0]
-        if len(near) and areas[i] > 0:
-            # Skip the clipping where even the bounding boxes' overlap (or the smaller area) cannot
-            # reach the lower threshold: IoU grows with the intersection, so this bound is exact.
-            others = pending[near]
-            bound = np.prod(np.minimum(p_hi[near], hi[i]) - np.maximum(p_lo[near], lo[i]), axis=1)
-            bound = np.minimum(bound, np.minimum(areas[others], areas[i]))
-            reachable = bound > lowest * (areas[i] + areas[others] - bound) * (1 - 1e-9)
-            near, others = near[reachable], others[reachable]
-            inter = convex_intersection_areas(quads[i], quads[others])
-            union = areas[i] + areas[others] - inter
-            iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-            over = iou > iou_threshold
-            close = iou > neighbour_iou
-            neighbours = near[close]
-            if len(neighbours) < min_neighbours:
+        # The greedy loop is sequential, but the IoUs it needs are not: compute them for the next
+        # ``block`` pending boxes at once (some rows go unused when a box in the block gets suppressed
+        # by an earlier one; the block size adapts to that waste).
+        heads = pending[:block]
+        rows, cols, iou = _pair_ious(heads, pending, quads, areas, lo, hi, lowest)
+        starts = np.searchsorted(rows, np.arange(len(heads) + 1))
+        wasted = 0
+        for k, i in enumerate(heads):
+            if not alive[i]:
+                wasted += 1
+                continue
+            others = pending[cols[starts[k] : starts[k + 1]]]
+            row_iou = iou[starts[k] : starts[k + 1]]
+            live = alive[others]
+            others, row_iou = others[live], row_iou[live]
+            over = row_iou > iou_threshold
+            close = row_iou > neighbour_iou
+            neighbours = others[close]
+            if len(neighbours) >= min_neighbours:
+                members = np.append(order[neighbours], order[i])
+                weights = scores[members].reshape(-1, 1)
+                keep.append(int(order[i]))
+                merged_boxes.append((boxes[members] * weights).sum(axis=0) / weights.sum())
+                if extra is not None:
+                    merged_extra.append((extra[members] * weights).sum(axis=0) / weights.sum())
+            else:
                 over &= ~close  # dropped: its neighbours come back, what it merely suppressed does not
-            suppressed = near[over]
-        if len(neighbours) >= min_neighbours:
-            members = np.append(order[pending[neighbours]], order[i])
-            weights = scores[members].reshape(-1, 1)
-            keep.append(int(order[i]))
-            merged_boxes.append((boxes[members] * weights).sum(axis=0) / weights.sum())
-            if extra is not None:
-                merged_extra.append((extra[members] * weights).sum(axis=0) / weights.sum())
-        if len(suppressed):
-            alive = np.ones(len(pending), bool)
-            alive[suppressed] = False
-            pending, p_lo, p_hi = pending[alive], p_lo[alive], p_hi[alive]
+            alive[others[over]] = False
+        pending = pending[len(heads) :]
+        pending = pending[alive[pending]]
+        block = max(block // 2, 1) if wasted * 2 > len(heads) else min(block * 2, _MAX_BLOCK)
     keep_arr = np.asarray(keep, dtype=np.int64)
     out_boxes = np.asarray(merged_boxes, dtype=np.float32).reshape(-1, 8)
     if extra is None:
         return keep_arr, out_boxes, None
     out_extra = np.asarray(merged_extra, dtype=extra.dtype).reshape(-1, extra.shape[1])
     return keep_arr, out_boxes, out_extra
+
+
+def _pair_ious(
+    heads: np.ndarray,
+    pending: np.ndarray,
+    quads: np.ndarray,
+    areas: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    lowest: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of each head (``pending[k]`` for k < len(heads)) with the pending boxes after it.
+
+    Returns (row into heads, column into pending, IoU), sorted by row then column, leaving out pairs
+    whose bounding boxes are apart or whose IoU provably cannot exceed ``lowest``: IoU grows with the
+    intersection, which is at most the bounding-box overlap and the smaller area, so this is exact.
+    """
+    h_lo, h_hi = lo[heads][:, None], hi[heads][:, None]
+    p_lo, p_hi = lo[pending][None], hi[pending][None]
+    overlap = np.minimum(h_hi, p_hi) - np.maximum(h_lo, p_lo)  # (H, P, 2)
+    after = np.arange(len(pending))[None, :] > np.arange(len(heads))[:, None]
+    rows, cols = np.nonzero(after & (overlap >= 0).all(axis=2))
+    a_head, a_other = areas[heads[rows]], areas[pending[cols]]
+    bound = np.minimum(np.prod(overlap[rows, cols], axis=1), np.minimum(a_head, a_other))
+    reachable = bound > lowest * (a_head + a_other - bound) * (1 - 1e-9)
+    rows, cols, a_head, a_other = rows[reachable], cols[reachable], a_head[reachable], a_other[reachable]
+    inter = np.zeros(len(rows))
+    for start in range(0, len(rows), _PAIR_CHUNK):
+        part = slice(start, start + _PAIR_CHUNK)
+        inter[part] = clip_area(quads[pending[cols[part]]], quads[heads[rows[part]]])
+    union = a_head + a_other - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return rows, cols, iou
 
 
 def _round_and_clip(boxes: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -8,8 +8,9 @@ label follows Prismer's OCR encoding: an L8 map of word ids (255 = background) a
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from importlib import metadata
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,7 +22,9 @@ MAX_WORDS = 254  # ids 0..253; 255 is background
 
 
 class PPOCRDetection(Expert):
-    spec = ExpertSpec(task="ocr_detection", backend="ppocr", version="1", mode="L", has_json=True, batch_size=8)
+    spec = ExpertSpec(
+        task="ocr_detection", backend="ppocr", version="1", mode="L", has_json=True, batch_size=8
+    )
 
     def __init__(self, config: Mapping | None = None, device: str = "cpu") -> None:
         config = {

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from expert_zoo.base import Expert, ExpertRequest
 
@@ -48,14 +49,14 @@ def resolve_name(request: ExpertRequest) -> str:
     """Turn ``task`` or ``task:backend`` into a registered full name, or raise with the choices."""
     if request.backend is None:
         if request.task not in _DEFAULTS:
-            raise ExpertUnavailable(
-                f"unknown expert task {request.task!r}; known tasks: {sorted(_DEFAULTS)}"
-            )
+            raise ExpertUnavailable(f"unknown expert task {request.task!r}; known tasks: {sorted(_DEFAULTS)}")
         return _DEFAULTS[request.task]
     name = f"{request.task}:{request.backend}"
     if name not in _REGISTRY:
         choices = [n for n in _REGISTRY if n.startswith(request.task + ":")]
-        raise ExpertUnavailable(f"unknown expert {name!r}; backends for {request.task!r}: {choices or 'none'}")
+        raise ExpertUnavailable(
+            f"unknown expert {name!r}; backends for {request.task!r}: {choices or 'none'}"
+        )
     return name
 
 
@@ -66,7 +67,9 @@ def expert_class(name: str) -> type[Expert]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("expert_zoo", "label_pipeline"):
-            raise ExpertUnavailable(f"expert {name!r} is registered but its module is missing: {exc}") from exc
+            raise ExpertUnavailable(
+                f"expert {name!r} is registered but its module is missing: {exc}"
+            ) from exc
         raise ExpertUnavailable(
             f"expert {name!r} needs the package {exc.name!r}, which is not installed; "
             "install the project with its extras: pip install -e '.[experts]'"

@@ -6,7 +6,7 @@ Imported only by experts that use torch, so the pipeline core and the offline ex
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from expert_zoo.registry import ExpertUnavailable, available
 from label_pipeline.config import ConfigError, load_manifest
@@ -31,13 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="label a dataset (manifest path or name in manifests/)")
     run.add_argument("manifest")
     run.add_argument("--out", help="output root (fsspec URL); default: the manifest's output")
-    run.add_argument("--experts", type=_csv, help="comma-separated task[:backend] list, replacing the manifest's")
-    run.add_argument("--relabel", type=_csv, default=[], help="tasks whose changed expert may overwrite labels")
+    run.add_argument(
+        "--experts", type=_csv, help="comma-separated task[:backend] list, replacing the manifest's"
+    )
+    run.add_argument(
+        "--relabel", type=_csv, default=[], help="tasks whose changed expert may overwrite labels"
+    )
     run.add_argument("--limit-shards", type=int, help="only the first N input shards")
     run.add_argument("--runner", choices=["local", "ray"], default="local")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.add_argument("--device", default="auto", help="torch device for in-process experts (auto/cpu/cuda)")
-    run.add_argument("--force-unlock", action="store_true", help="take over a lock left by a run that is gone")
+    run.add_argument(
+        "--force-unlock", action="store_true", help="take over a lock left by a run that is gone"
+    )
     run.add_argument("--no-progress", action="store_true")
 
     status = sub.add_parser("status", help="summarise an output root")
@@ -76,8 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     if args.experts:
         manifest = manifest.with_experts(args.experts)
-    options = RunOptions(output=args.out, limit_shards=args.limit_shards, relabel=args.relabel,
-                         force_unlock=args.force_unlock)
+    options = RunOptions(
+        output=args.out, limit_shards=args.limit_shards, relabel=args.relabel, force_unlock=args.force_unlock
+    )
     if args.runner == "ray":
         from label_pipeline.runners.ray_runner import run_ray
 
@@ -101,7 +108,9 @@ def format_summary(summary: RunSummary) -> str:
     for result in summary.results:
         record = result.record
         experts = " ".join(f"{t}={e['ok']}/{e['failed']}" for t, e in record["experts"].items())
-        lines.append(f"{record['shard']:<12}{record['samples']:>8}{record['ok']:>6}{record['failed']:>8}  {experts}")
+        lines.append(
+            f"{record['shard']:<12}{record['samples']:>8}{record['ok']:>6}{record['failed']:>8}  {experts}"
+        )
     for shard_id, error in summary.failed_shards.items():
         lines.append(f"{shard_id:<12} FAILED: {error}")
     return "\n".join(lines)
@@ -121,7 +130,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify_output(args.output)
     for problem in report.problems:
         print(f"PROBLEM {problem}")
-    print(f"verified {report.shards} shards, {report.samples} samples: {'ok' if report.ok else 'PROBLEMS FOUND'}")
+    verdict = "ok" if report.ok else "PROBLEMS FOUND"
+    print(f"verified {report.shards} shards, {report.samples} samples: {verdict}")
     return EXIT_OK if report.ok else EXIT_FAILURES
 
 

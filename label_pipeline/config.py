@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -110,10 +111,14 @@ class Manifest:
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("batch_size: must be >= 1")
 
-    def with_experts(self, names: list[str]) -> "Manifest":
+    def with_experts(self, names: list[str]) -> Manifest:
         """The same manifest with a different expert list (``--experts``)."""
-        return Manifest(**{**{f.name: getattr(self, f.name) for f in fields(self)},
-                           "experts": parse_experts(names, "--experts")})
+        return Manifest(
+            **{
+                **{f.name: getattr(self, f.name) for f in fields(self)},
+                "experts": parse_experts(names, "--experts"),
+            }
+        )
 
 
 def parse_experts(items: Any, where: str) -> list[ExpertRequest]:
@@ -140,8 +145,9 @@ def manifest_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = 
     env = os.environ if env is None else env
     allowed = {"name", "source", "output", "experts", "decode", "batch_size", "runner", "description"}
     _check_keys(data, allowed, {"name", "source", "output", "experts"}, "manifest")
-    source_data = _expand_tree(dict(data["source"]) if isinstance(data["source"], Mapping) else data["source"],
-                               env, "source")
+    source_data = _expand_tree(
+        dict(data["source"]) if isinstance(data["source"], Mapping) else data["source"], env, "source"
+    )
     _check_keys(source_data, {f.name for f in fields(SourceConfig)}, {"format"}, "source")
     decode_data = data.get("decode") or {}
     _check_keys(decode_data, {f.name for f in fields(DecodeConfig)}, set(), "decode")

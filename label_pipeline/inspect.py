@@ -62,7 +62,9 @@ def render_label(task: str, label: np.ndarray) -> np.ndarray:
 def _fit(array: np.ndarray) -> Image.Image:
     image = Image.fromarray(array)
     scale = TILE / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST
+    )
 
 
 def _annotate(task: str, panel: Image.Image, data: Any, label: np.ndarray, scale: float) -> list[str]:
@@ -94,10 +96,14 @@ def contact_sheet(members: dict[str, bytes], key: str) -> Image.Image:
     panels: list[tuple[str, Image.Image, list[str]]] = []
     if image_ext:
         rgb = decode_image(members[image_ext]).array
-        panels.append((f"{key} ({meta.get('status', '?')})", _fit(rgb), _wrap(members.get("txt", b"").decode())))
+        panels.append(
+            (f"{key} ({meta.get('status', '?')})", _fit(rgb), _wrap(members.get("txt", b"").decode()))
+        )
     for task in sorted(meta.get("experts", {})):
         if f"{task}.png" not in members:
-            panels.append((f"{task}: {meta['experts'][task].get('status')}", Image.new("RGB", (TILE, TILE // 2)), []))
+            panels.append(
+                (f"{task}: {meta['experts'][task].get('status')}", Image.new("RGB", (TILE, TILE // 2)), [])
+            )
             continue
         label = decode_png(members[f"{task}.png"])
         panel = _fit(render_label(task, label))

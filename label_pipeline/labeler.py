@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -113,7 +114,9 @@ def _decode_into(item: WorkItem, data: bytes | None, decode: DecodeConfig) -> No
         return
     item.image = image
     item.meta.update(
-        size=list(image.size), orig_size=list(image.orig_size), mode=image.mode,
+        size=list(image.size),
+        orig_size=list(image.orig_size),
+        mode=image.mode,
         exif_transposed=image.exif_transposed,
     )
     item.meta.setdefault("status", "ok")
@@ -195,7 +198,9 @@ class Labeler:
                 self._record_error(task, item, RuntimeError(f"no {missing} label for this sample"))
             else:
                 runnable.append(item)
-        deps = {dep: [item.labels.get(dep) or stored_label(item, dep) for item in runnable] for dep in requires}
+        deps = {
+            dep: [item.labels.get(dep) or stored_label(item, dep) for item in runnable] for dep in requires
+        }
         return deps, runnable
 
     def _store(self, task: str, item: WorkItem, label: Label) -> None:
@@ -207,7 +212,9 @@ class Labeler:
     def _record_error(self, task: str, item: WorkItem, exc: BaseException) -> None:
         logger.warning("%s failed on sample %s: %s", task, item.key, exc)
         item.meta["experts"][task] = {
-            "status": "error", "fingerprint": self.fingerprints[task], "error": f"{type(exc).__name__}: {exc}",
+            "status": "error",
+            "fingerprint": self.fingerprints[task],
+            "error": f"{type(exc).__name__}: {exc}",
         }
 
     @staticmethod

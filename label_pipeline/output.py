@@ -14,8 +14,9 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -248,4 +249,4 @@ def _holder_alive(holder: dict[str, Any]) -> bool:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 class Progress:
     def __init__(self, total_shards: int, enabled: bool = True) -> None:
-        self.bar = tqdm(total=total_shards, unit="shard", disable=not enabled or total_shards == 0,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_shards, unit="shard", disable=not enabled or total_shards == 0, dynamic_ncols=True
+        )
         self.samples = 0
         self.started = time.monotonic()
 

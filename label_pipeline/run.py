@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from label_pipeline.config import ConfigError, Manifest
 from label_pipeline.output import OutputStore
@@ -45,7 +46,10 @@ class RunSummary:
 
 
 def check_compatible(
-    previous: Mapping[str, Any] | None, source: Mapping[str, Any], experts: Mapping[str, Any], relabel: list[str]
+    previous: Mapping[str, Any] | None,
+    source: Mapping[str, Any],
+    experts: Mapping[str, Any],
+    relabel: list[str],
 ) -> None:
     """Refuse to mix outputs of different inputs or silently changed experts in one root."""
     if previous is None:
@@ -115,8 +119,13 @@ def prepare_run(
         store.release_lock()
         raise
     summary = RunSummary(store.url, shards_total=len(shards), shards_skipped=len(done))
-    logger.info("%d shards: %d done already, %d to label (%d incremental)", len(shards), len(done), len(plans),
-                sum(p.mode == "incremental" for p in plans))
+    logger.info(
+        "%d shards: %d done already, %d to label (%d incremental)",
+        len(shards),
+        len(done),
+        len(plans),
+        sum(p.mode == "incremental" for p in plans),
+    )
     return PreparedRun(manifest, source, store, plans, summary, run_record)
 
 
@@ -126,4 +135,4 @@ def finish_run(prepared: PreparedRun) -> RunSummary:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from label_pipeline.config import DecodeConfig
 from label_pipeline.labeler import Labeler, WorkItem, chunked, item_from_output, item_from_sample

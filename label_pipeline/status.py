@@ -35,8 +35,14 @@ def output_status(root: str, count_source: bool = True) -> OutputStatus:
         raise ConfigError(f"{root} is not a label-pipeline output (no _run.json)")
     done = store.done_shards()
     failed = {sid: rec.get("error", "") for sid, rec in store.failed_shards().items() if sid not in done}
-    status = OutputStatus(root, run.get("dataset"), _count_shards(run) if count_source else None, len(done),
-                          failed, samples=sum(r["samples"] for r in done.values()))
+    status = OutputStatus(
+        root,
+        run.get("dataset"),
+        _count_shards(run) if count_source else None,
+        len(done),
+        failed,
+        samples=sum(r["samples"] for r in done.values()),
+    )
     for record in done.values():
         status.sample_status.update(record.get("status_counts", {}))
         if record.get("input_error"):
@@ -65,12 +71,15 @@ def format_status(status: OutputStatus) -> str:
     lines = [
         f"output   {status.root}  (dataset {status.dataset})",
         f"shards   {status.done} done / {len(status.failed)} failed / {pending} pending / {total} total",
-        f"samples  {status.samples}  " + ", ".join(f"{k}={v}" for k, v in sorted(status.sample_status.items())),
+        f"samples  {status.samples}  "
+        + ", ".join(f"{k}={v}" for k, v in sorted(status.sample_status.items())),
         "",
         f"{'expert':<16}{'shards':>8}{'ok':>10}{'failed':>8}{'stale':>7}",
     ]
     for task, entry in sorted(status.experts.items()):
-        lines.append(f"{task:<16}{entry['shards']:>8}{entry['ok']:>10}{entry['failed']:>8}{entry['stale']:>7}")
+        lines.append(
+            f"{task:<16}{entry['shards']:>8}{entry['ok']:>10}{entry['failed']:>8}{entry['stale']:>7}"
+        )
     for shard_id, error in sorted(status.failed.items()):
         lines.append(f"failed shard {shard_id}: {error}")
     for shard_id, error in sorted(status.input_errors.items()):

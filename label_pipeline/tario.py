@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 Member = tuple[str, bytes]
 
@@ -69,7 +70,9 @@ class HashingReader:
             pass
 
 
-def read_tar_samples(source: BinaryIO, errors: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def read_tar_samples(
+    source: BinaryIO, errors: list[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` for consecutive members sharing a key (webdataset rule).
 
     A tar cut short is an error even where Python's tarfile would stop quietly (a cut inside a
@@ -95,7 +98,9 @@ def read_tar_samples(source: BinaryIO, errors: list[str] | None = None) -> Itera
             end_of_members = tar.offset
         reader.drain()
         if reader.size < end_of_members + 2 * tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"truncated tar: ends at byte {reader.size} without end-of-archive blocks")
+            raise tarfile.ReadError(
+                f"truncated tar: ends at byte {reader.size} without end-of-archive blocks"
+            )
     except (tarfile.TarError, EOFError, OSError) as exc:
         if errors is None:
             raise

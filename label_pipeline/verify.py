@@ -88,7 +88,10 @@ def _verify_sample(shard_id: str, key: str, members: dict[str, bytes], record: d
             continue
         if label.shape[:2] != size:
             problems.append(f"{where}: {task}.png is {label.shape[:2]}, image is {size}")
-        if task in record.get("experts", {}) and info.get("fingerprint") != record["experts"][task]["fingerprint"]:
+        if (
+            task in record.get("experts", {})
+            and info.get("fingerprint") != record["experts"][task]["fingerprint"]
+        ):
             problems.append(f"{where}: {task} fingerprint differs from the shard record")
     if meta.get("status") in ("ok", "partial") and not any(ext in members for ext in IMAGE_EXTENSIONS):
         problems.append(f"{where}: labelled sample without its image")

@@ -44,12 +44,19 @@ def photo_samples(count: int, size: tuple[int, int] = (48, 64), start: int = 0) 
     samples = []
     for i in range(start, start + count):
         array = np.roll(gradient(*size), i * 3, axis=1)
-        samples.append({"jpg": image_bytes(array), "txt": f"picture number {i}".encode(),
-                        "json": f'{{"url": "http://example.invalid/{i}.jpg"}}'.encode()})
+        samples.append(
+            {
+                "jpg": image_bytes(array),
+                "txt": f"picture number {i}".encode(),
+                "json": f'{{"url": "http://example.invalid/{i}.jpg"}}'.encode(),
+            }
+        )
     return samples
 
 
-def write_manifest(path: Path, source: dict[str, Any], output: Path, experts: list[Any], **extra: Any) -> Path:
+def write_manifest(
+    path: Path, source: dict[str, Any], output: Path, experts: list[Any], **extra: Any
+) -> Path:
     data = {"name": "test", "source": source, "output": str(output), "experts": experts, **extra}
     path.write_text(yaml.safe_dump(data))
     return path

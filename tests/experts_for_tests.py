@@ -45,8 +45,15 @@ class BrightnessDepth(CannyEdge):
 class DepthBoxes(CannyEdge):
     """Needs depth: one box over the image, scored by the mean depth label it was handed."""
 
-    spec = ExpertSpec(task="obj_detection", backend="depthboxes", version="1", mode="L", has_json=True,
-                      batch_size=4, requires=("depth",))
+    spec = ExpertSpec(
+        task="obj_detection",
+        backend="depthboxes",
+        version="1",
+        mode="L",
+        has_json=True,
+        batch_size=4,
+        requires=("depth",),
+    )
 
     def predict(self, images, deps):
         labels = []
@@ -54,13 +61,23 @@ class DepthBoxes(CannyEdge):
             height, width = image.shape[:2]
             instance = np.full((height, width), 255, np.uint8)
             instance[: height // 2, : width // 2] = 0
-            det = [{"instance": 0, "class_id": 1, "score": round(float(depth.map.mean()) / 255, 4),
-                    "box": [0, 0, width // 2, height // 2]}]
+            det = [
+                {
+                    "instance": 0,
+                    "class_id": 1,
+                    "score": round(float(depth.map.mean()) / 255, 4),
+                    "box": [0, 0, width // 2, height // 2],
+                }
+            ]
             labels.append(Label(instance, det))
         return labels
 
 
 def register_test_experts() -> None:
-    for name, cls in [("edge:flaky", "FlakyEdge"), ("edge:slow", "SlowEdge"),
-                      ("depth:brightness", "BrightnessDepth"), ("obj_detection:depthboxes", "DepthBoxes")]:
+    for name, cls in [
+        ("edge:flaky", "FlakyEdge"),
+        ("edge:slow", "SlowEdge"),
+        ("depth:brightness", "BrightnessDepth"),
+        ("obj_detection:depthboxes", "DepthBoxes"),
+    ]:
         register(name, f"experts_for_tests:{cls}")

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-REFERENCE_ROOT = Path(
-    os.environ.get("PRISMER_REFERENCE_DIR", PROJECT_ROOT.parent / "shared" / "reference")
-)
+REFERENCE_ROOT = Path(os.environ.get("PRISMER_REFERENCE_DIR", PROJECT_ROOT.parent / "shared" / "reference"))
 
 
 def reference_dir(*parts: str) -> Path:

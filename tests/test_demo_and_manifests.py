@@ -23,8 +23,14 @@ def test_shipped_manifests_validate(path):
     assert manifest.name == path.stem and manifest.experts
     if path.stem != "demo":
         assert manifest.output == f"s3://bucket/labels/{path.stem}"
-        assert {e.task for e in manifest.experts} == {"depth", "normal", "edge", "seg_coco", "obj_detection",
-                                                      "ocr_detection"}
+        assert {e.task for e in manifest.experts} == {
+            "depth",
+            "normal",
+            "edge",
+            "seg_coco",
+            "obj_detection",
+            "ocr_detection",
+        }
 
 
 def test_cc12m_manifest_matches_the_design_card():
@@ -46,8 +52,15 @@ def test_cc12m_manifest_matches_the_design_card():
     ],
 )
 def test_manifest_errors_name_the_bad_key(change, message):
-    data = {"name": "x", "source": {"format": "webdataset", "path": "a.tar"}, "output": "o", "experts": ["edge"]}
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    data = {
+        "name": "x",
+        "source": {"format": "webdataset", "path": "a.tar"},
+        "output": "o",
+        "experts": ["edge"],
+    }
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+    ):
         manifest_from_dict({**data, **change}, env={})
 
 
@@ -59,11 +72,17 @@ def test_demo_labels_offline_and_inspect_renders_a_sheet(tmp_path, monkeypatch, 
     assert "labels written to" in capsys.readouterr().out
     with tarfile.open(out / "shards" / "00000.tar") as tar:
         names = tar.getnames()
-        metas = [json.loads(tar.extractfile(n).read()) for n in names if n.endswith(".json") and n.count(".") == 1]
+        metas = [
+            json.loads(tar.extractfile(n).read()) for n in names if n.endswith(".json") and n.count(".") == 1
+        ]
     assert all(m["status"] == "ok" for m in metas) and len(metas) == 6
     assert {"astronaut.edge.png", "astronaut.ocr_detection.png", "astronaut.ocr_detection.json"} <= set(names)
-    page = json.loads(tarfile.open(out / "shards" / "00000.tar").extractfile("page.ocr_detection.json").read())
-    assert len(page) >= 3 and any("segmentation" in w["text"].lower() for w in page)  # real OCR found real text
+    page = json.loads(
+        tarfile.open(out / "shards" / "00000.tar").extractfile("page.ocr_detection.json").read()
+    )
+    assert len(page) >= 3 and any(
+        "segmentation" in w["text"].lower() for w in page
+    )  # real OCR found real text
     sheet = tmp_path / "sheet.png"
     assert main(["inspect", str(out / "shards" / "00000.tar"), "--key", "page", "--out", str(sheet)]) == 0
     with Image.open(sheet) as image:

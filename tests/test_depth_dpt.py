@@ -2,22 +2,20 @@
 
 The fidelity tests run the full 123 M-parameter DPT-Hybrid at 480² on CPU (a few seconds per forward), so
 the models are module-scoped and each reference forward runs once. Everything else uses a tiny config.
+tests/conftest.py sets HF_HUB_OFFLINE=1: nothing here may reach the hub.
 """
 
 from __future__ import annotations
 
-import os
+import json
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the hub, even when run without conftest
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_data import assert_close_to_reference, load_npy, make_weights, reference_dir
 
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from expert_zoo.convert_dpt import (  # noqa: E402
+from expert_zoo.convert_dpt import (
     UNUSED_ORIGINAL_KEYS,
     allow_input_size,
     build_model,
@@ -25,14 +23,8 @@ from expert_zoo.convert_dpt import (  # noqa: E402
     hybrid_config,
     unwrap_checkpoint,
 )
-from expert_zoo.depth import DPTHybridDepth, depth_to_label  # noqa: E402
-from expert_zoo.registry import build_expert  # noqa: E402
-from reference_data import (  # noqa: E402
-    assert_close_to_reference,
-    load_npy,
-    make_weights,
-    reference_dir,
-)
+from expert_zoo.depth import DPTHybridDepth, depth_to_label
+from expert_zoo.registry import build_expert
 
 transformers = pytest.importorskip("transformers")
 
@@ -136,7 +128,10 @@ def test_converter_values_and_qkv_split(weights_a):
     for i, name in enumerate(("query", "key", "value")):
         part = converted[f"dpt.encoder.layer.7.attention.attention.{name}.weight"]
         assert torch.equal(part, qkv[768 * i : 768 * (i + 1)])
-    assert converted["neck.fusion_stage.layers.0.projection.weight"] is weights_a["scratch.refinenet4.out_conv.weight"]
+    assert (
+        converted["neck.fusion_stage.layers.0.projection.weight"]
+        is weights_a["scratch.refinenet4.out_conv.weight"]
+    )
     assert converted["head.head.4.bias"] is weights_a["scratch.output_conv.4.bias"]
     assert converted["dpt.embeddings.position_embeddings"].shape == (1, 577, 768)  # 24×24 grid kept
 

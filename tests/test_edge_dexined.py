@@ -67,7 +67,7 @@ def test_forward_matches_reference(reference_run: tuple[str, list[np.ndarray]]) 
 
 
 def test_port_label_within_one_grey_level(reference_run: tuple[str, list[np.ndarray]]) -> None:
-    """The port's own fused map gives Prismer's label up to float32 rounding (README §5: ±1 at a few pixels)."""
+    """The port's own fused map gives Prismer's label up to float32 rounding (README §5: ±1, few pixels)."""
     scheme, outputs = reference_run
     label = resize_to_image(edge_maps(torch.from_numpy(outputs[6])).numpy()[0], (512, 512))
     expected = np.asarray(Image.open(reference_dir(*SCHEME_FOLDERS[scheme]) / "label.png"))

@@ -43,7 +43,9 @@ def test_wrong_label_dtype_is_refused():
 
 def test_keys_are_made_webdataset_safe_and_unique():
     keys = unique_keys(["a/b.c", "a_b_c", "x y", "ok-1", "a/b.c"])
-    assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for k in keys)
+    assert all(
+        set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for k in keys
+    )
     assert len(set(keys)) == 5
     assert keys == unique_keys(["a/b.c", "a_b_c", "x y", "ok-1", "a/b.c"])  # deterministic
 
@@ -55,14 +57,17 @@ def test_tar_is_byte_reproducible_and_groups_members():
     write_tar(second, samples)
     assert first.getvalue() == second.getvalue()
     first.seek(0)
-    assert list(read_tar_samples(first)) == [("k1", {"edge.png": b"x", "txt": b"hello"}), ("k2", {"txt": b"there"})]
+    assert list(read_tar_samples(first)) == [
+        ("k1", {"edge.png": b"x", "txt": b"hello"}),
+        ("k2", {"txt": b"there"}),
+    ]
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1", "F"])
 def test_any_mode_decodes_to_rgb(mode):
     base = Image.fromarray(gradient(24, 32))
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+        image = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
         assert image.mode == "I;16"
     elif mode == "F":
         image = base.convert("L").convert("F")

@@ -42,7 +42,9 @@ def run(manifest, *extra):
 
 def test_output_contract(tmp_path, two_shards):
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"])
+    manifest = write_manifest(
+        tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"]
+    )
     assert run(manifest) == 0
     shard = samples_of(out / "shards" / "00000.tar")
     assert list(shard) == ["000000", "000001", "000002"]  # same keys, same order as the input
@@ -69,7 +71,9 @@ def test_output_contract(tmp_path, two_shards):
 
 def test_rerun_skips_done_shards_and_is_byte_identical(tmp_path, two_shards):
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"])
+    manifest = write_manifest(
+        tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"]
+    )
     assert run(manifest) == 0
     first = (out / "shards" / "00001.tar").read_bytes()
     stamp = (out / "shards" / "00001.tar").stat().st_mtime_ns
@@ -99,19 +103,38 @@ def test_bad_inputs_never_crash_or_vanish(tmp_path):
     damaged = tmp_path / "in" / "00001.tar"
     damaged.write_bytes(damaged.read_bytes()[:3000])  # truncated tar
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": f"{tmp_path}/in/{{00000..00001}}.tar"},
-                              out, ["edge:flaky"], decode={"max_pixels": 100_000})
+    manifest = write_manifest(
+        tmp_path / "m.yaml",
+        {"format": "webdataset", "path": f"{tmp_path}/in/{{00000..00001}}.tar"},
+        out,
+        ["edge:flaky"],
+        decode={"max_pixels": 100_000},
+    )
     assert run(manifest) == 1  # finished, with recorded failures
     shard = samples_of(out / "shards" / "00000.tar")
     assert list(shard) == [f"{i:06d}" for i in range(10)]  # nothing lost
     status = {k: json.loads(v["json"])["status"] for k, v in shard.items()}
-    assert status == {"000000": "ok", "000001": "undecodable", "000002": "empty_image", "000003": "undecodable",
-                      "000004": "no_image", "000005": "ok", "000006": "ok", "000007": "too_large",
-                      "000008": "partial", "000009": "ok"}
+    assert status == {
+        "000000": "ok",
+        "000001": "undecodable",
+        "000002": "empty_image",
+        "000003": "undecodable",
+        "000004": "no_image",
+        "000005": "ok",
+        "000006": "ok",
+        "000007": "too_large",
+        "000008": "partial",
+        "000009": "ok",
+    }
     poisoned = json.loads(shard["000008"]["json"])
-    assert poisoned["experts"]["edge"] == {"status": "error", "fingerprint": poisoned["experts"]["edge"]["fingerprint"],
-                                           "error": "RuntimeError: poisoned sample"}
-    assert "edge.png" not in shard["000008"] and "edge.png" in shard["000009"]  # only its own member is omitted
+    assert poisoned["experts"]["edge"] == {
+        "status": "error",
+        "fingerprint": poisoned["experts"]["edge"]["fingerprint"],
+        "error": "RuntimeError: poisoned sample",
+    }
+    assert (
+        "edge.png" not in shard["000008"] and "edge.png" in shard["000009"]
+    )  # only its own member is omitted
     assert shard["000005"]["txt"].decode() == "caf\ufffd"
     assert json.loads(shard["000005"]["json"])["caption_status"] == "replaced"
     assert decode_png(shard["000006"]["edge.png"]).shape == (1, 1)
@@ -124,7 +147,9 @@ def test_bad_inputs_never_crash_or_vanish(tmp_path):
 
 def test_cli_exit_codes(tmp_path, two_shards, capsys, caplog):
     out = tmp_path / "out"
-    good = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"])
+    good = write_manifest(
+        tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"]
+    )
     assert run(good, "--limit-shards", "1") == 0
     assert "labels written to" in capsys.readouterr().out
     assert main(["status", str(out)]) == 0
@@ -136,8 +161,9 @@ def test_cli_exit_codes(tmp_path, two_shards, capsys, caplog):
     assert run(good, "--experts", "edge:nonexistent") == 2
     assert run(good, "--experts", "seg_ade") == 2
     assert run(tmp_path / "missing.yaml") == 2
-    missing_var = write_manifest(tmp_path / "v.yaml", {"format": "webdataset", "path": "${NO_SUCH_ROOT}/x.tar"},
-                                 out, ["edge:canny"])
+    missing_var = write_manifest(
+        tmp_path / "v.yaml", {"format": "webdataset", "path": "${NO_SUCH_ROOT}/x.tar"}, out, ["edge:canny"]
+    )
     assert run(missing_var) == 2
     assert "NO_SUCH_ROOT" in caplog.text
     with pytest.raises(SystemExit) as info:
@@ -147,7 +173,9 @@ def test_cli_exit_codes(tmp_path, two_shards, capsys, caplog):
 
 def test_verify_catches_a_corrupted_shard(tmp_path, two_shards, capsys):
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"])
+    manifest = write_manifest(
+        tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["edge:canny"]
+    )
     assert run(manifest) == 0
     assert main(["verify", str(out)]) == 0
     shard = out / "shards" / "00001.tar"
@@ -161,12 +189,20 @@ def test_verify_catches_a_corrupted_shard(tmp_path, two_shards, capsys):
 
 def test_changed_expert_is_refused_then_relabelled_in_place(tmp_path, two_shards, capsys, caplog):
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out,
-                              ["edge:canny", "depth:brightness"])
+    manifest = write_manifest(
+        tmp_path / "m.yaml",
+        {"format": "webdataset", "path": two_shards},
+        out,
+        ["edge:canny", "depth:brightness"],
+    )
     assert run(manifest) == 0
     before = samples_of(out / "shards" / "00000.tar")
-    changed = write_manifest(tmp_path / "m2.yaml", {"format": "webdataset", "path": two_shards}, out,
-                             [{"name": "edge:canny", "options": {"low": 1, "high": 2, "blur_sigma": 0}}, "depth:brightness"])
+    changed = write_manifest(
+        tmp_path / "m2.yaml",
+        {"format": "webdataset", "path": two_shards},
+        out,
+        [{"name": "edge:canny", "options": {"low": 1, "high": 2, "blur_sigma": 0}}, "depth:brightness"],
+    )
     assert run(changed) == 2
     assert "--relabel edge" in caplog.text
     assert run(changed, "--relabel", "edge", "--limit-shards", "1") == 0  # interrupted relabel: one shard
@@ -191,15 +227,21 @@ def test_adding_an_expert_equals_labelling_with_it_from_the_start(tmp_path, two_
     # detection needs depth: it is read back from the existing shard, not recomputed
     assert run(write_manifest(tmp_path / "c.yaml", source, stepwise, ["obj_detection:depthboxes"])) == 0
     for shard in ("00000", "00001"):
-        assert (together / "shards" / f"{shard}.tar").read_bytes() == (stepwise / "shards" / f"{shard}.tar").read_bytes()
+        assert (together / "shards" / f"{shard}.tar").read_bytes() == (
+            stepwise / "shards" / f"{shard}.tar"
+        ).read_bytes()
     sample = samples_of(together / "shards" / "00000.tar")["000000"]
     assert json.loads(sample["obj_detection.json"])[0]["score"] > 0
 
 
 def test_detection_without_depth_fails_per_sample_with_a_reason(tmp_path, two_shards):
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out,
-                              ["obj_detection:depthboxes"])
+    manifest = write_manifest(
+        tmp_path / "m.yaml", {"format": "webdataset", "path": two_shards}, out, ["obj_detection:depthboxes"]
+    )
     assert run(manifest) == 1
     meta = json.loads(samples_of(out / "shards" / "00000.tar")["000000"]["json"])
-    assert meta["experts"]["obj_detection"]["status"] == "error" and "depth" in meta["experts"]["obj_detection"]["error"]
+    assert (
+        meta["experts"]["obj_detection"]["status"] == "error"
+        and "depth" in meta["experts"]["obj_detection"]["error"]
+    )

@@ -22,8 +22,12 @@ sys.exit(main(sys.argv[1:]))
 
 
 def start_run(manifest: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUNNER, "run", str(manifest), "--no-progress"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, "run", str(manifest), "--no-progress"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for(predicate, timeout: float) -> None:
@@ -47,8 +51,13 @@ def test_sigkill_mid_shard_then_resume_is_byte_identical(tmp_path):
 
     process = start_run(write_manifest(tmp_path / "k.yaml", source, killed, ["edge:slow"]), env)
     # Kill while shard 00001 is half written: shard 00000 committed, a temp tar for 00001 exists.
-    wait_for(lambda: (killed / "records" / "00000.done.json").exists()
-             and any((killed / "shards").glob("00001.tar.tmp-*")), timeout=120)
+    wait_for(
+        lambda: (
+            (killed / "records" / "00000.done.json").exists()
+            and any((killed / "shards").glob("00001.tar.tmp-*"))
+        ),
+        timeout=120,
+    )
     time.sleep(0.3)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -20,7 +20,11 @@ def read_all(source):
 
 def test_webdataset_img2dataset_layout(tmp_path):
     for i in range(2):
-        write_wds(tmp_path / f"{i:05d}.tar", photo_samples(3, start=3 * i), keys=[f"{i:05d}{j:04d}" for j in range(3)])
+        write_wds(
+            tmp_path / f"{i:05d}.tar",
+            photo_samples(3, start=3 * i),
+            keys=[f"{i:05d}{j:04d}" for j in range(3)],
+        )
         (tmp_path / f"{i:05d}.parquet").write_bytes(b"PAR1 ignored")
         (tmp_path / f"{i:05d}_stats.json").write_text("{}")
     source = build_source(SourceConfig(format="webdataset", path=str(tmp_path / "{00000..00001}.tar")))
@@ -47,15 +51,18 @@ def test_webdataset_truncated_tar_keeps_samples_before_the_damage(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     source = build_source(SourceConfig(format="webdataset", path=str(path)))
-    (samples, report), = read_all(source).values()
+    ((samples, report),) = read_all(source).values()
     assert 1 <= len(samples) <= 4 and report.input_error  # the sample cut in two keeps its whole members
 
 
 def _coco_tree(tmp_path):
     for split in ("train2014", "val2014"):
         (tmp_path / split).mkdir()
-    names = {1: "train2014/COCO_train2014_000000000001.jpg", 2: "val2014/COCO_val2014_000000000002.jpg",
-             3: "train2014/COCO_train2014_000000000003.jpg"}
+    names = {
+        1: "train2014/COCO_train2014_000000000001.jpg",
+        2: "val2014/COCO_val2014_000000000002.jpg",
+        3: "train2014/COCO_train2014_000000000003.jpg",
+    }
     for relative in names.values():
         (tmp_path / relative).write_bytes(image_bytes(gradient(16, 16)))
     return names
@@ -64,30 +71,61 @@ def _coco_tree(tmp_path):
 def test_coco_three_annotation_layouts_agree(tmp_path):
     names = _coco_tree(tmp_path)
     official = tmp_path / "captions_train2014.json"
-    official.write_text(json.dumps({
-        "images": [{"id": i, "file_name": n.split("/")[1]} for i, n in names.items() if "train" in n],
-        "annotations": [{"image_id": 3, "id": 7, "caption": "a third"}, {"image_id": 1, "id": 5, "caption": "one"},
-                        {"image_id": 1, "id": 6, "caption": "another one"}],
-    }))
+    official.write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "file_name": n.split("/")[1]} for i, n in names.items() if "train" in n],
+                "annotations": [
+                    {"image_id": 3, "id": 7, "caption": "a third"},
+                    {"image_id": 1, "id": 5, "caption": "one"},
+                    {"image_id": 1, "id": 6, "caption": "another one"},
+                ],
+            }
+        )
+    )
     official_val = tmp_path / "captions_val2014.json"
-    official_val.write_text(json.dumps({
-        "images": [{"id": 2, "file_name": names[2].split("/")[1]}],
-        "annotations": [{"image_id": 2, "id": 1, "caption": "two"}]}))
+    official_val.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 2, "file_name": names[2].split("/")[1]}],
+                "annotations": [{"image_id": 2, "id": 1, "caption": "two"}],
+            }
+        )
+    )
     karpathy = tmp_path / "dataset_coco.json"
-    karpathy.write_text(json.dumps({"images": [
-        {"filepath": n.split("/")[0], "filename": n.split("/")[1], "cocoid": i,
-         "sentences": [{"raw": c} for c in {1: ["one", "another one"], 2: ["two"], 3: ["a third"]}[i]]}
-        for i, n in names.items()]}))
+    karpathy.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "filepath": n.split("/")[0],
+                        "filename": n.split("/")[1],
+                        "cocoid": i,
+                        "sentences": [
+                            {"raw": c} for c in {1: ["one", "another one"], 2: ["two"], 3: ["a third"]}[i]
+                        ],
+                    }
+                    for i, n in names.items()
+                ]
+            }
+        )
+    )
     blip = tmp_path / "coco_karpathy_train.json"
-    blip.write_text(json.dumps([
-        {"image": names[1], "caption": "one", "image_id": "coco_1"},
-        {"image": names[3], "caption": "a third", "image_id": "coco_3"},
-        {"image": names[1], "caption": "another one", "image_id": "coco_1"},
-        {"image": names[2], "caption": ["two"], "image_id": "coco_2"}]))
+    blip.write_text(
+        json.dumps(
+            [
+                {"image": names[1], "caption": "one", "image_id": "coco_1"},
+                {"image": names[3], "caption": "a third", "image_id": "coco_3"},
+                {"image": names[1], "caption": "another one", "image_id": "coco_1"},
+                {"image": names[2], "caption": ["two"], "image_id": "coco_2"},
+            ]
+        )
+    )
     results = []
     for annotations in ([str(official), str(official_val)], [str(karpathy)], [str(blip)]):
-        source = build_source(SourceConfig(format="coco", images=str(tmp_path), annotations=annotations,
-                                           shard_size=2))
+        source = build_source(
+            SourceConfig(format="coco", images=str(tmp_path), annotations=annotations, shard_size=2)
+        )
         shards = read_all(source)
         assert list(shards) == ["00000", "00001"]
         samples = [s for ss, _ in shards.values() for s in ss]
@@ -102,7 +140,7 @@ def test_coco_missing_image_is_a_sample_not_a_crash(tmp_path):
     blip = tmp_path / "list.json"
     blip.write_text(json.dumps([{"image": n, "caption": f"c{i}"} for i, n in names.items()]))
     source = build_source(SourceConfig(format="coco", images=str(tmp_path), annotations=[str(blip)]))
-    (samples, _), = read_all(source).values()
+    ((samples, _),) = read_all(source).values()
     assert [s.error for s in samples] == [None, None, "no_image"]
 
 
@@ -110,14 +148,26 @@ def test_visual_genome_with_region_captions(tmp_path):
     for folder, image_id in (("VG_100K", 10), ("VG_100K_2", 2)):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / f"{image_id}.jpg").write_bytes(image_bytes(gradient(12, 20)))
-    (tmp_path / "image_data.json").write_text(json.dumps([
-        {"image_id": 10, "url": "https://x/VG_100K/10.jpg", "coco_id": None},
-        {"image_id": 2, "url": "https://x/VG_100K_2/2.jpg", "coco_id": 99}]))
-    (tmp_path / "region_descriptions.json").write_text(json.dumps([
-        {"id": 2, "regions": [{"phrase": "a red car"}, {"phrase": "a tree"}]}]))
-    source = build_source(SourceConfig(format="vg", images=str(tmp_path), image_data=str(tmp_path / "image_data.json"),
-                                       captions=str(tmp_path / "region_descriptions.json")))
-    (samples, _), = read_all(source).values()
+    (tmp_path / "image_data.json").write_text(
+        json.dumps(
+            [
+                {"image_id": 10, "url": "https://x/VG_100K/10.jpg", "coco_id": None},
+                {"image_id": 2, "url": "https://x/VG_100K_2/2.jpg", "coco_id": 99},
+            ]
+        )
+    )
+    (tmp_path / "region_descriptions.json").write_text(
+        json.dumps([{"id": 2, "regions": [{"phrase": "a red car"}, {"phrase": "a tree"}]}])
+    )
+    source = build_source(
+        SourceConfig(
+            format="vg",
+            images=str(tmp_path),
+            image_data=str(tmp_path / "image_data.json"),
+            captions=str(tmp_path / "region_descriptions.json"),
+        )
+    )
+    ((samples, _),) = read_all(source).values()
     assert [s.key for s in samples] == ["2", "10"]  # sorted by image id
     assert samples[0].caption == "a red car" and samples[0].source["coco_id"] == 99
     assert samples[1].caption is None and samples[1].image is not None

@@ -19,7 +19,9 @@ def build_experts(manifest: Manifest, device: str = "auto") -> dict:
     return {request.task: build_expert(request, device=device) for request in manifest.experts}
 
 
-def run_local(manifest: Manifest, options: RunOptions, progress: bool = True, device: str = "auto") -> RunSummary:
+def run_local(
+    manifest: Manifest, options: RunOptions, progress: bool = True, device: str = "auto"
+) -> RunSummary:
     experts = build_experts(manifest, device=device)
     labeler = Labeler(experts, batch_size=manifest.batch_size)
     names = {request.task: resolve_name(request) for request in manifest.experts}

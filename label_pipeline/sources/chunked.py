@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import fsspec
 
@@ -56,7 +57,9 @@ class ChunkedSource:
     def read(self, shard: InputShard, report: ShardReadReport) -> Iterator[Sample]:
         entries, keys = self._listing()
         start = int(shard.location) * self.shard_size
-        for entry, key in zip(entries[start : start + self.shard_size], keys[start : start + self.shard_size]):
+        for entry, key in zip(
+            entries[start : start + self.shard_size], keys[start : start + self.shard_size]
+        ):
             yield self._read_entry(entry, key)
 
     def _read_entry(self, entry: Entry, key: str) -> Sample:

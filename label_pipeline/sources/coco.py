@@ -40,8 +40,12 @@ class CocoSource(ChunkedSource):
         self.annotations = list(annotations)
 
     def describe(self) -> dict[str, Any]:
-        return {"format": "coco", "images": self.images, "annotations": self.annotations,
-                "shard_size": self.shard_size}
+        return {
+            "format": "coco",
+            "images": self.images,
+            "annotations": self.annotations,
+            "shard_size": self.shard_size,
+        }
 
     def list_entries(self) -> list[Entry]:
         captions: dict[str, list[str]] = defaultdict(list)
@@ -53,7 +57,12 @@ class CocoSource(ChunkedSource):
                 raw_key=_stem(relative),
                 image_url=_join(self.images, relative),
                 caption=(captions[relative] or [None])[0],
-                source={"dataset": "coco", "id": ids[relative], "file": relative, "captions": captions[relative]},
+                source={
+                    "dataset": "coco",
+                    "id": ids[relative],
+                    "file": relative,
+                    "captions": captions[relative],
+                },
             )
             for relative in sorted(ids)
         ]

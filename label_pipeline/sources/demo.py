@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fsspec
 import numpy as np

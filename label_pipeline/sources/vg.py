@@ -18,15 +18,22 @@ MAX_PHRASES = 20
 
 
 class VisualGenomeSource(ChunkedSource):
-    def __init__(self, images: str, image_data: str, captions: str | None = None, shard_size: int = 1000) -> None:
+    def __init__(
+        self, images: str, image_data: str, captions: str | None = None, shard_size: int = 1000
+    ) -> None:
         super().__init__(shard_size)
         self.images = images
         self.image_data = image_data
         self.captions = captions
 
     def describe(self) -> dict[str, Any]:
-        return {"format": "vg", "images": self.images, "image_data": self.image_data,
-                "captions": self.captions, "shard_size": self.shard_size}
+        return {
+            "format": "vg",
+            "images": self.images,
+            "image_data": self.image_data,
+            "captions": self.captions,
+            "shard_size": self.shard_size,
+        }
 
     def list_entries(self) -> list[Entry]:
         phrases = self._captions()
@@ -39,9 +46,13 @@ class VisualGenomeSource(ChunkedSource):
                     raw_key=str(image_id),
                     image_url=(url := self._image_url(item)),
                     caption=texts[0] if texts else None,
-                    source={"dataset": "vg", "id": image_id, "coco_id": item.get("coco_id"),
-                            "file": url[len(self.images) :].lstrip("/"),
-                            "captions": texts[:MAX_PHRASES]},
+                    source={
+                        "dataset": "vg",
+                        "id": image_id,
+                        "coco_id": item.get("coco_id"),
+                        "file": url[len(self.images) :].lstrip("/"),
+                        "captions": texts[:MAX_PHRASES],
+                    },
                 )
             )
         return entries

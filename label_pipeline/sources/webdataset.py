@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 from braceexpand import braceexpand
@@ -44,8 +45,12 @@ class WebDatasetSource:
             urls = [u for u in urls if _exists(u)]
         ids = [shard_id_of(u) for u in urls]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"input shards of {self.path!r} have clashing names; each needs a distinct basename")
-        return [InputShard(shard_id=sid, location=url, index=i) for i, (sid, url) in enumerate(zip(ids, urls))]
+            raise ValueError(
+                f"input shards of {self.path!r} have clashing names; each needs a distinct basename"
+            )
+        return [
+            InputShard(shard_id=sid, location=url, index=i) for i, (sid, url) in enumerate(zip(ids, urls))
+        ]
 
     def read(self, shard: InputShard, report: ShardReadReport) -> Iterator[Sample]:
         dedupe = KeyDeduper()
