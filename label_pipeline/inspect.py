@@ -40,15 +40,20 @@ def class_names(task: str) -> list[str] | None:
         return None
 
 
-def colour_categorical(label: np.ndarray) -> np.ndarray:
-    out = np.zeros(label.shape + (3,), dtype=np.uint8)
+def colour_categorical(label: np.ndarray, backdrop: np.ndarray | None = None) -> np.ndarray:
+    """Palette colours per id over a dimmed grey copy of the image (so regions can be located)."""
+    if backdrop is not None and backdrop.shape[:2] == label.shape:
+        grey = cv2.cvtColor(backdrop, cv2.COLOR_RGB2GRAY) // 3 + 40
+        out = np.repeat(grey[:, :, None], 3, axis=2).astype(np.uint8)
+    else:
+        out = np.zeros(label.shape + (3,), dtype=np.uint8)
     for value in np.unique(label):
         if value != 255:
             out[label == value] = palette(int(value))
     return out
 
 
-def render_label(task: str, label: np.ndarray) -> np.ndarray:
+def render_label(task: str, label: np.ndarray, backdrop: np.ndarray | None = None) -> np.ndarray:
     """An expert map as an RGB picture a person can read."""
     if label.ndim == 3:
         return label  # normals are already RGB of (n+1)/2
@@ -56,7 +61,7 @@ def render_label(task: str, label: np.ndarray) -> np.ndarray:
         return cv2.cvtColor(cv2.applyColorMap(label, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
     if task == "edge":
         return np.repeat(label[:, :, None], 3, axis=2)
-    return colour_categorical(label)
+    return colour_categorical(label, backdrop)
 
 
 def _fit(array: np.ndarray) -> Image.Image:
@@ -94,6 +99,7 @@ def contact_sheet(members: dict[str, bytes], key: str) -> Image.Image:
     meta = json.loads(members["json"]) if "json" in members else {}
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     panels: list[tuple[str, Image.Image, list[str]]] = []
+    rgb = None
     if image_ext:
         rgb = decode_image(members[image_ext]).array
         panels.append(
@@ -106,7 +112,7 @@ def contact_sheet(members: dict[str, bytes], key: str) -> Image.Image:
             )
             continue
         label = decode_png(members[f"{task}.png"])
-        panel = _fit(render_label(task, label))
+        panel = _fit(render_label(task, label, rgb))
         data = json.loads(members[f"{task}.json"]) if f"{task}.json" in members else None
         legend = _annotate(task, panel, data, label, panel.width / label.shape[1])
         panels.append((task, panel, legend))
@@ -127,7 +133,8 @@ def _wrap(text: str, width: int = 40) -> list[str]:
 def _compose(panels: list[tuple[str, Image.Image, list[str]]]) -> Image.Image:
     font = ImageFont.load_default(size=14)
     text_rows = max((len(legend) for _, _, legend in panels), default=0)
-    height = TILE + 24 + 16 * min(text_rows, 12) + 8
+    tallest = max((panel.height for _, panel, _ in panels), default=TILE)
+    height = tallest + 24 + 16 * min(text_rows, 12) + 8
     sheet = Image.new("RGB", (len(panels) * (TILE + 8) + 8, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for column, (title, panel, legend) in enumerate(panels):
@@ -135,7 +142,7 @@ def _compose(panels: list[tuple[str, Image.Image, list[str]]]) -> Image.Image:
         draw.text((x, 4), title, fill=(0, 0, 0), font=font)
         sheet.paste(panel, (x, 22))
         for row, line in enumerate(legend[:12]):
-            draw.text((x, TILE + 26 + 16 * row), line[:44], fill=(40, 40, 40), font=font)
+            draw.text((x, tallest + 26 + 16 * row), line[:44], fill=(40, 40, 40), font=font)
     return sheet
 
 
