@@ -18,6 +18,8 @@ import numpy as np
 from label_pipeline.format import encode_label_members
 
 BACKGROUND = 255  # every categorical map uses 255 for "nothing here"
+# Options that change how fast an expert runs but never what it writes: left out of the fingerprint.
+THROUGHPUT_OPTIONS = frozenset({"batch_size"})
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Expert:
         """Changes whenever the labels this expert writes can change: spec, options or weights."""
         payload = {
             "spec": asdict(self.spec),
-            "config": self.config,
+            "config": {k: v for k, v in self.config.items() if k not in THROUGHPUT_OPTIONS},
             "weights": self.weights_digest,
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -39,7 +39,8 @@ class DPTHybridDepth(Expert):
     """``depth:dpt_hybrid``: L8 map of per-image min-max inverse depth (bright = near), Prismer-compatible.
 
     Options: ``weights`` (see module doc), ``sha256`` (checked for single-file weights), ``dtype``
-    (``auto`` = bf16 autocast on CUDA, fp32 on CPU; or ``float32`` / ``bfloat16`` / ``float16``).
+    (``auto`` = bf16 autocast on CUDA, fp32 on CPU; or ``float32`` / ``bfloat16`` / ``float16``),
+    ``batch_size`` (images per forward, default ``spec.batch_size``).
     """
 
     spec = ExpertSpec(
@@ -86,8 +87,9 @@ class DPTHybridDepth(Expert):
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
-        for start in range(0, len(images), self.spec.batch_size):
-            chunk = images[start : start + self.spec.batch_size]
+        batch_size = int(self.config.get("batch_size", self.spec.batch_size))
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
             depth = self.inverse_depth(self.preprocess(chunk))
             labels.extend(Label(map=depth_to_label(d, image.shape[:2])) for d, image in zip(depth, chunk))
         return labels

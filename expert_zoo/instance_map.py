@@ -67,16 +67,32 @@ def drop_duplicates(rects: np.ndarray, iou_threshold: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def _box_depth_sums(depth: np.ndarray, rects: np.ndarray) -> np.ndarray:
-    """Sum of ``depth`` over each rectangle, from an integral image (exact integers for integer maps)."""
+def edge_grid(rects: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct row and column edges of the rectangles and the image: the cells between them are
+    covered by a fixed set of boxes."""
+    ys = np.unique(np.concatenate([[0, height], rects[:, 1], rects[:, 3]]))
+    xs = np.unique(np.concatenate([[0, width], rects[:, 0], rects[:, 2]]))
+    return ys, xs
+
+
+def box_depth_sums(depth: np.ndarray, rects: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Sum of ``depth`` over each rectangle (exact integers for integer maps).
+
+    One pass over the image sums it per grid cell; an integral image over the small cell grid then
+    gives each rectangle's sum.
+    """
     acc = np.int64 if np.issubdtype(depth.dtype, np.integer) else np.float64
-    integral = np.zeros((depth.shape[0] + 1, depth.shape[1] + 1), dtype=acc)
-    integral[1:, 1:] = depth.astype(acc).cumsum(0).cumsum(1)
-    x0, y0, x1, y1 = rects.T
-    return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    # Row bands one at a time (a loop over box edges): much faster than reduceat with a widening dtype.
+    band_sums = np.stack([depth[y0:y1].sum(0, dtype=acc) for y0, y1 in zip(ys[:-1], ys[1:])])
+    cell_sums = np.add.reduceat(band_sums, xs[:-1], axis=1)
+    integral = np.zeros((len(ys), len(xs)), dtype=acc)
+    integral[1:, 1:] = cell_sums.cumsum(0).cumsum(1)
+    r0, r1 = np.searchsorted(ys, rects[:, 1]), np.searchsorted(ys, rects[:, 3])
+    c0, c1 = np.searchsorted(xs, rects[:, 0]), np.searchsorted(xs, rects[:, 2])
+    return integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
 
 
-def beat_matrix(rects: np.ndarray, depth: np.ndarray) -> np.ndarray:
+def beats_from_sums(rects: np.ndarray, sums: np.ndarray) -> np.ndarray:
     """N×N bool: ``beats[j, i]`` when box j takes the pixels it shares with box i (see module doc)."""
     n = len(rects)
     inter = _intersections(rects)
@@ -87,11 +103,22 @@ def beat_matrix(rects: np.ndarray, depth: np.ndarray) -> np.ndarray:
     # i inside j → i beats j; if j is also inside i (same rectangle), only the lower id beats.
     beats_by_nesting = inside & (~inside.T | lower)
     # Compare mean depths exactly: sum_j * area_i vs sum_i * area_j (no division, no float ties).
-    sums = _box_depth_sums(depth, rects)
     cross = sums[:, None] * areas[None, :]  # cross[j, i] = sum_j * area_i
     nearer = cross > cross.T
     nested_pair = inside | inside.T
     return beats_by_nesting | (overlap & ~nested_pair & nearer)
+
+
+def beat_matrix(rects: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """``beats_from_sums`` for rasterised rectangles and an H×W depth map."""
+    ys, xs = edge_grid(rects, *depth.shape)
+    return beats_from_sums(rects, box_depth_sums(depth, rects, ys, xs))
+
+
+def _highest_true(mask: np.ndarray) -> np.ndarray:
+    """Per column of an N×M bool array (N ≤ 255): 1 + the highest row index that is True, 0 if none."""
+    rank = np.arange(1, len(mask) + 1, dtype=np.uint8)[:, None]
+    return (mask * rank).max(0)
 
 
 def _cell_labels(rects: np.ndarray, beats: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -100,29 +127,30 @@ def _cell_labels(rects: np.ndarray, beats: np.ndarray, ys: np.ndarray, xs: np.nd
     rows_in = (rects[:, 1:2] <= ys[None, :-1]) & (ys[None, 1:] <= rects[:, 3:4])  # N×Gy
     cols_in = (rects[:, 0:1] <= xs[None, :-1]) & (xs[None, 1:] <= rects[:, 2:3])  # N×Gx
     cover = (rows_in[:, :, None] & cols_in[:, None, :]).reshape(n, -1)
-    ids = np.arange(n)[:, None]
-    beaten_by = beats.T.astype(np.float32)  # [i, j] = j beats i
-    labels = np.full(cover.shape[1], BACKGROUND, dtype=np.uint8)
+    beaten_boxes = np.flatnonzero(beats.any(0))
+    labels = np.empty(cover.shape[1], dtype=np.uint8)
     for c0 in range(0, cover.shape[1], _CELL_CHUNK):
         cov = cover[:, c0 : c0 + _CELL_CHUNK]
-        beaten = (beaten_by @ cov.astype(np.float32)) > 0
-        top_survivor = np.where(cov & ~beaten, ids, -1).max(0)
-        top_cover = np.where(cov, ids, -1).max(0)
-        chosen = np.where(top_survivor >= 0, top_survivor, top_cover)
-        labels[c0 : c0 + _CELL_CHUNK] = np.where(chosen >= 0, chosen, BACKGROUND)
+        # Cells as bits: box i is beaten in a cell when any box that beats i covers it (a loop over boxes).
+        packed = np.packbits(cov, axis=1)
+        beaten = np.zeros_like(packed)
+        for i in beaten_boxes:
+            beaten[i] = np.bitwise_or.reduce(packed[beats[:, i]], axis=0)
+        survivors = np.unpackbits(packed & ~beaten, axis=1, count=cov.shape[1]).view(bool)
+        top_survivor, top_cover = _highest_true(survivors), _highest_true(cov)
+        chosen = np.where(top_survivor > 0, top_survivor, top_cover)  # 0: no box covers the cell
+        labels[c0 : c0 + _CELL_CHUNK] = np.where(chosen > 0, chosen - 1, BACKGROUND)
     return labels.reshape(len(ys) - 1, len(xs) - 1)
 
 
-def paint_instances(rects: np.ndarray, beats: np.ndarray, height: int, width: int) -> np.ndarray:
-    """H×W uint8 map from kept rectangles (ids = row order) and their beat relation."""
+def paint_instances(
+    rects: np.ndarray, beats: np.ndarray, ys: np.ndarray, xs: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """H×W uint8 map from kept rectangles (ids = row order), their beat relation and their edge grid."""
     if len(rects) == 0:
         return np.full((height, width), BACKGROUND, dtype=np.uint8)
-    ys = np.unique(np.concatenate([[0, height], rects[:, 1], rects[:, 3]]))
-    xs = np.unique(np.concatenate([[0, width], rects[:, 0], rects[:, 2]]))
     cells = _cell_labels(rects, beats, ys, xs)
-    row_cell = np.searchsorted(ys, np.arange(height), side="right") - 1
-    col_cell = np.searchsorted(xs, np.arange(width), side="right") - 1
-    return cells[row_cell[:, None], col_cell[None, :]]
+    return np.repeat(np.repeat(cells, np.diff(ys), axis=0), np.diff(xs), axis=1)
 
 
 def depth_ordered_instance_map(
@@ -160,7 +188,9 @@ def depth_ordered_instance_map(
     kept = drop_duplicates(rects, dedup_iou)[:max_instances]
     order, rects = order[kept], rects[kept]
 
-    instance_map = paint_instances(rects, beat_matrix(rects, depth), height, width)
+    ys, xs = edge_grid(rects, height, width)
+    beats = beats_from_sums(rects, box_depth_sums(depth, rects, ys, xs))
+    instance_map = paint_instances(rects, beats, ys, xs, height, width)
     records = [
         {
             "instance": i,

@@ -33,7 +33,7 @@ NUM_CLASSES = 133
 NUM_THING_CLASSES = 80
 RESIZE_SHORT, RESIZE_MAX = 479, 480  # torchvision Resize(479, max_size=480), as Prismer
 SIZE_DIVISIBILITY = 32  # detectron2 pads each batch to a multiple of 32
-_SCORE_CHUNK_ELEMENTS = 1 << 25  # bounds the memory of the full-resolution score resize (128 MiB fp32)
+_SCORE_CHUNK_ELEMENTS = 1 << 24  # bounds the memory of the boundary-pixel score blend (64 MiB fp32)
 
 
 def class_names() -> list[str]:
@@ -98,22 +98,29 @@ def _linear_taps(
 def resize_argmax(
     scores: torch.Tensor, size: tuple[int, int], max_elements: int = _SCORE_CHUNK_ELEMENTS
 ) -> torch.Tensor:
-    """argmax over C of the C×h×w ``scores`` resized bilinearly (align_corners=False) to ``size``.
+    """argmax over C of the C×h×w ``scores`` resized bilinearly (align_corners=False) to ``size``: H×W long.
 
-    Same result as ``F.interpolate(scores[None], size, mode="bilinear").argmax(1)`` but done in bands of
-    output rows, so a large image never holds all C×H×W upsampled scores at once.
+    Same result as ``F.interpolate(scores[None], size, mode="bilinear").argmax(1)`` without building
+    the C×H×W upsampled scores. Each output pixel blends four source pixels; where those four share their
+    argmax class, every convex blend of them has it too, so only pixels on class boundaries need the C
+    scores interpolated (in chunks of ``max_elements`` values).
     """
     num_classes, in_h, in_w = scores.shape
-    out_h, out_w = size
-    y_lo, y_hi, y_w = _linear_taps(out_h, in_h, scores.device)
-    x_lo, x_hi, x_w = _linear_taps(out_w, in_w, scores.device)
-    rows = max(1, max_elements // max(1, num_classes * out_w))
-    labels = torch.empty((out_h, out_w), dtype=torch.long, device=scores.device)
-    for r0 in range(0, out_h, rows):
-        r1 = min(out_h, r0 + rows)
-        top, bottom = scores[:, y_lo[r0:r1]], scores[:, y_hi[r0:r1]]
-        band = torch.lerp(top, bottom, y_w[r0:r1, None])
-        labels[r0:r1] = torch.lerp(band[..., x_lo], band[..., x_hi], x_w).argmax(0)
+    y_lo, y_hi, y_w = _linear_taps(size[0], in_h, scores.device)
+    x_lo, x_hi, x_w = _linear_taps(size[1], in_w, scores.device)
+    coarse = scores.argmax(0)
+    labels = coarse[y_lo][:, x_lo]
+    boundary = (coarse[y_lo][:, x_hi] != labels) | (coarse[y_hi][:, x_lo] != labels)
+    boundary |= coarse[y_hi][:, x_hi] != labels
+    rows, cols = torch.nonzero(boundary, as_tuple=True)
+    step = max(1, max_elements // num_classes)
+    for start in range(0, len(rows), step):
+        r, c = rows[start : start + step], cols[start : start + step]
+        wy, wx = y_w[r], x_w[c]
+        # PyTorch's order: blend along x in the two source rows, then along y.
+        top = scores[:, y_lo[r], x_lo[c]] * (1 - wx) + scores[:, y_lo[r], x_hi[c]] * wx
+        bottom = scores[:, y_hi[r], x_lo[c]] * (1 - wx) + scores[:, y_hi[r], x_hi[c]] * wx
+        labels[r, c] = (top * (1 - wy) + bottom * wy).argmax(0)
     return labels
 
 

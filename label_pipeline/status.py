@@ -22,6 +22,7 @@ class OutputStatus:
     sample_status: Counter = field(default_factory=Counter)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_errors: dict[str, str] = field(default_factory=dict)
+    run_stats: dict[str, Any] | None = None  # the latest OUT/stats/*.json (written by the Ray runner)
 
     @property
     def pending(self) -> int | None:
@@ -54,7 +55,57 @@ def output_status(root: str, count_source: bool = True) -> OutputStatus:
             entry["failed"] += info.get("failed", 0)
             current = run.get("experts", {}).get(task, {}).get("fingerprint")
             entry["stale"] += int(info.get("fingerprint") != current)
+    status.run_stats = latest_run_stats(store)
     return status
+
+
+def latest_run_stats(store: OutputStore) -> dict[str, Any] | None:
+    """The newest run statistics file (names start with a UTC timestamp)."""
+    for path in sorted(store.fs.glob(f"{store.root}/stats/*.json"), reverse=True):
+        stats = store.read_json(path)
+        if stats is not None:
+            return stats
+    return None
+
+
+def format_run_stats(stats: dict[str, Any]) -> list[str]:
+    """Throughput, busy fraction, batch latency and faults per expert of the last run."""
+    elapsed = stats.get("elapsed_s") or 0.0
+    predicted = stats.get("predicted_images_per_s")
+    lines = [
+        f"last run {stats.get('created')} ({stats.get('runner')}, {stats.get('status')}): "
+        f"{stats.get('samples', 0)} samples in {elapsed:.1f}s = {stats.get('images_per_s') or 0:.1f} images/s"
+        + (f" (predicted {predicted:.1f}, bottleneck {stats.get('bottleneck')})" if predicted else ""),
+        f"{'expert':<16}{'replicas':>9}{'images/s':>10}{'busy':>6}{'batches':>9}{'p50':>9}{'p95':>9}"
+        "  faults (crash/oom/quarantined/resubmitted)  GPUs",
+    ]
+    for task, entry in sorted(stats.get("experts", {}).items()):
+        replicas = entry.get("replicas", [])
+        busy = entry.get("busy_s", 0.0) / (elapsed * max(len(replicas), 1)) if elapsed else 0.0
+        hist, edges = entry.get("compute_latency_hist", []), entry.get("latency_buckets_s", [])
+        gpus = ",".join(g for r in replicas for g in r.get("gpu_ids", [])) or "cpu"
+        faults = "/".join(
+            str(entry.get(k, 0)) for k in ("crashes", "oom_splits", "quarantined", "resubmitted")
+        )
+        p50, p95 = _percentile(hist, edges, 0.5), _percentile(hist, edges, 0.95)
+        lines.append(
+            f"{task:<16}{len(replicas):>9}{entry.get('images_per_s') or 0:>10.1f}{busy:>6.0%}"
+            f"{entry.get('batches', 0):>9}{p50:>9}{p95:>9}  {faults:<42}  {gpus}"
+        )
+    return lines
+
+
+def _percentile(hist: list[int], edges: list[float], q: float) -> str:
+    """Upper edge of the histogram bucket holding the q-quantile, e.g. ``<=50ms``."""
+    total = sum(hist)
+    if not total:
+        return "-"
+    seen = 0
+    for index, count in enumerate(hist):
+        seen += count
+        if seen >= q * total:
+            return f"<={edges[index] * 1000:g}ms" if index < len(edges) else f">{edges[-1]:g}s"
+    return "-"
 
 
 def _count_shards(run: dict[str, Any]) -> int | None:
@@ -84,4 +135,6 @@ def format_status(status: OutputStatus) -> str:
         lines.append(f"failed shard {shard_id}: {error}")
     for shard_id, error in sorted(status.input_errors.items()):
         lines.append(f"damaged input {shard_id}: {error}")
+    if status.run_stats:
+        lines += ["", *format_run_stats(status.run_stats)]
     return "\n".join(lines)

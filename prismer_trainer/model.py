@@ -45,6 +45,8 @@ ALIASES: dict[str, str] = {
 }
 
 
+_POSITION_IDS = "text_decoder.roberta.embeddings.position_ids"
+
 KeyValue = tuple[torch.Tensor, torch.Tensor]  # attention keys, values: [b, heads, tokens, head_dim]
 Context = torch.Tensor | KeyValue | None  # what a text attention attends to besides itself
 Vision = torch.Tensor | list[KeyValue]  # vision tokens, or every decoder layer's cross-attention keys/values
@@ -772,7 +774,8 @@ def _init_text_weights(module: nn.Module) -> None:
 
 def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: PrismerModel) -> dict[str, torch.Tensor]:
     """Make a Prismer checkpoint loadable with ``strict=True``: drop a DDP ``module.`` prefix, resize the
-    positional embedding to the model's grid (pre-train 224 -> fine-tune 480) and fill missing alias keys."""
+    positional embedding to the model's grid (pre-train 224 -> fine-tune 480) and fill missing alias keys
+    and the unused ``position_ids`` buffer (newer transformers versions do not save it)."""
     sd = {k.removeprefix("module."): v for k, v in state_dict.items()}
     key = "expert_encoder.positional_embedding"
     target = model.expert_encoder.positional_embedding
@@ -783,11 +786,13 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: PrismerModel
     for alias, canonical in ALIASES.items():
         if alias not in sd and canonical in sd:
             sd[alias] = sd[canonical]
+    sd.setdefault(_POSITION_IDS, model.text_decoder.roberta.embeddings.position_ids)
     return sd
 
 
 # ================================================================================================
-# Beam search (HF transformers 4.26 semantics, batched, no KV cache)
+# Beam search (HF transformers 4.26 semantics, batched; like the original, each step re-runs the whole
+# prefix; only the vision tokens' cross-attention keys/values are computed once)
 # ================================================================================================
 class _Hypotheses:
     """The ``num_beams`` best finished sequences of one sample (HF ``BeamHypotheses``)."""

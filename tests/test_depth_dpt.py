@@ -37,6 +37,16 @@ def prismer_label(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(255 * d[0, 0].numpy()).convert("L"))
 
 
+def synthetic_images() -> list[np.ndarray]:
+    """Two non-square RGB images (gradients plus noise) that need no reference data."""
+    rng = np.random.default_rng(0)
+    images = []
+    for height, width in [(211, 300), (353, 97)]:
+        ramp = np.linspace(0, 200, width)[None, :, None] + np.linspace(0, 50, height)[:, None, None]
+        images.append((ramp + rng.integers(0, 5, (height, width, 3))).astype(np.uint8))
+    return images
+
+
 def two_non_square_images() -> list[np.ndarray]:
     astronaut = load_npy("depth", "image_uint8.npy")
     wide = np.asarray(Image.fromarray(astronaut).resize((517, 389), Image.BILINEAR))
@@ -205,7 +215,7 @@ def test_expert_from_transformers_directory(tiny_model_dir):
     assert isinstance(expert, DPTHybridDepth) and len(expert.weights_digest) == 64
     saved = transformers.DPTForDepthEstimation.from_pretrained(tiny_model_dir).state_dict()
     assert all(torch.equal(v, expert.model.state_dict()[k]) for k, v in saved.items())
-    images = two_non_square_images()
+    images = synthetic_images()
     labels = expert(images)
     raw = expert.inverse_depth(expert.preprocess(images))
     for image, label, depth in zip(images, labels, raw):

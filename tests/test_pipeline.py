@@ -1,7 +1,13 @@
-"""End-to-end runs of the in-process runner: output contract, bad input, CLI, verify, relabelling."""
+"""End-to-end runs: output contract, bad input, CLI, verify, relabelling.
+
+Every test runs once per runner (``local``, in-process; ``ray``, on a local Ray instance with 2 CPUs
+and 4 logical GPUs): the same assertions hold for both.
+"""
 
 import json
+import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,6 +19,32 @@ from label_pipeline.cli import main
 from label_pipeline.format import decode_png
 
 register_test_experts()
+RUNNER = {"name": "local"}  # the runner ``run`` passes to the CLI; set per test by the fixture below
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    tests = Path(__file__).resolve().parent
+    saved = os.environ.get("PYTHONPATH")
+    # Ray workers inherit this environment: they import the test experts by module name.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests), str(tests.parent), saved]))
+    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture(autouse=True, params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def runner(request):
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    RUNNER["name"] = request.param
+    yield request.param
+    RUNNER["name"] = "local"
 
 
 def members_of(tar_path):
@@ -37,7 +69,7 @@ def two_shards(tmp_path):
 
 
 def run(manifest, *extra):
-    return main(["run", str(manifest), "--no-progress", *extra])
+    return main(["run", str(manifest), "--no-progress", "--runner", RUNNER["name"], *extra])
 
 
 def test_output_contract(tmp_path, two_shards):

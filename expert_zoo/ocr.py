@@ -1,0 +1,191 @@
+"""``ocr_detection:charnet``: Prismer's OCR expert, CharNet (Hourglass-88, ICDAR 2015 weights).
+
+The image is squashed to 480×480 (PIL bilinear, ImageNet mean/std), the network predicts stride-4 word
+and character maps, and :mod:`expert_zoo.ocr_postprocess` turns them into words in image coordinates.
+
+Label: L8 word-index map at the image's size, 255 = background, filled like Prismer's ``get_label``
+(the highest-scoring word gets the highest index and is drawn last); at most 254 words. Json: a list of
+``{"instance", "text", "score", "polygon"}`` with the lower-cased text, the recognition score (mean
+character probability) and the 4-point polygon in image pixels; ``[]`` with an all-255 map when no word
+is found (where Prismer wrote nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.nets.charnet import CharNet
+from expert_zoo.ocr_postprocess import (
+    CHARSET,
+    Lexicon,
+    PostprocessConfig,
+    decode_words,
+    word_label,
+)
+from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, inference, normalized_batch, resolve_device
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "hf-hub:shikunl/prismer/expert_weights/icdar2015_hourglass88.pth"
+INPUT_SIZE = 480
+_MAP_NAMES = ("word_fg", "word_tblr", "word_orient", "char_fg", "char_tblr", "char_cls")
+_CHAR_DICT_SEPARATOR = chr(31)  # CharNet's char_dict.txt: "<char>\x1f<class index>" per line
+
+
+def charnet_kwargs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The :class:`CharNet` arguments that a state dict was made with (Prismer's: the defaults).
+
+    Reads the widths from the stem, the hourglass levels and the heads, so reduced test networks load
+    through the same path as the real checkpoint.
+    """
+    prefix = "backbone.hourglass_blocks.0."
+    channels, blocks = [], []
+    while f"{prefix}low_2.0.conv_1.0.weight" not in state_dict:  # descend to the innermost level
+        channels.append(int(state_dict[f"{prefix}up_1.0.conv_1.0.weight"].shape[0]))
+        blocks.append(_count_blocks(state_dict, f"{prefix}up_1."))
+        prefix += "low_2."
+        if (
+            f"{prefix}up_1.0.conv_1.0.weight" not in state_dict
+            and f"{prefix}0.conv_1.0.weight" not in state_dict
+        ):
+            raise KeyError(f"not a CharNet hourglass state dict (nothing under {prefix!r})")
+    channels.append(int(state_dict[f"{prefix}up_1.0.conv_1.0.weight"].shape[0]))
+    blocks.append(_count_blocks(state_dict, f"{prefix}up_1."))
+    channels.append(int(state_dict[f"{prefix}low_2.0.conv_1.0.weight"].shape[0]))
+    blocks.append(_count_blocks(state_dict, f"{prefix}low_2."))
+    return {
+        "channels": tuple(channels),
+        "blocks": tuple(blocks),
+        "depth": len(channels) - 1,
+        "stem_channels": int(state_dict["backbone.pre.0.weight"].shape[0]),
+        "bottleneck_channels": int(state_dict["word_detector.word_fg_pred.weight"].shape[1]),
+        "num_classes": int(state_dict["char_recognizer.classifier.weight"].shape[0]),
+    }
+
+
+def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.conv_1\.0\.weight$")
+    return sum(1 for key in state_dict if pattern.match(key))
+
+
+def load_charnet(state_dict: Mapping[str, torch.Tensor]) -> CharNet:
+    """Build a CharNet shaped like the checkpoint and load it strictly, in eval mode."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"expected a CharNet state dict, got {type(state_dict).__name__}")
+    model = CharNet(**charnet_kwargs_from_state_dict(state_dict))
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def load_char_dict(path: str | Path) -> str:
+    """CharNet's ``char_dict.txt`` (``<char>\\x1f<index>`` lines) → the class characters, upper-cased."""
+    chars: dict[int, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line:
+            char, index = line.split(_CHAR_DICT_SEPARATOR)
+            chars[int(index)] = char.upper()
+    if sorted(chars) != list(range(len(chars))):
+        raise ValueError(f"{path}: class indices must be 0..{len(chars) - 1} without gaps")
+    return "".join(chars[i] for i in range(len(chars)))
+
+
+class CharNetOCR(Expert):
+    """Prismer's OCR expert: CharNet (Xing et al., ICCV 2019), Hourglass-88, ICDAR 2015 weights.
+
+    Config: ``weights`` (source for ``resolve_weights``; default Prismer's ``icdar2015_hourglass88.pth``
+    on the hub), optional ``sha256``; ``lexicon``: a word-list file for snapping uncertain words (Prismer
+    used ICDAR 2015's ``GenericVocabulary.txt``; without one, words that would need snapping are
+    dropped); ``char_dict``: a CharNet ``char_dict.txt`` (default: the built-in 68 classes);
+    ``input_size`` (square side, multiple of 32; default 480); ``batch_size``; ``dtype`` (``auto``:
+    bf16 autocast on CUDA, fp32 on CPU); and any :class:`PostprocessConfig` field to override a threshold.
+    """
+
+    spec: ClassVar[ExpertSpec] = ExpertSpec(
+        task="ocr_detection",
+        backend="charnet",
+        version="1",
+        mode="L",
+        has_json=True,
+        batch_size=4,
+        input_size=(INPUT_SIZE, INPUT_SIZE),
+        uses_gpu=True,
+    )
+    GPU_BATCH_SIZE: ClassVar[int] = 32
+
+    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        super().__init__(config, device)
+        from expert_zoo.weights import file_sha256, resolve_weights
+
+        self.torch_device = resolve_device(device)
+        self.input_size = int(self.config.get("input_size", INPUT_SIZE))
+        self.postprocess = PostprocessConfig.from_options(self.config)
+        self.charset = load_char_dict(self.config["char_dict"]) if self.config.get("char_dict") else CHARSET
+        self.lexicon = Lexicon.from_file(self.config["lexicon"]) if self.config.get("lexicon") else None
+        if self.lexicon is None:
+            logger.info("no lexicon configured: words that Prismer would snap to its lexicon are dropped")
+
+        source = self.config.get("weights", DEFAULT_WEIGHTS)
+        path = resolve_weights(source, expert=self.spec.name, sha256=self.config.get("sha256"))
+        self.weights_digest = file_sha256(path)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        self.model = load_charnet(state_dict).to(self.torch_device)
+        if self.torch_device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.input_size % self.model.size_multiple:
+            raise ValueError(
+                f"input_size must be a multiple of {self.model.size_multiple}, got {self.input_size}"
+            )
+        num_classes = self.model.char_recognizer.classifier.out_channels
+        if len(self.charset) != num_classes:
+            raise ValueError(
+                f"the character dictionary has {len(self.charset)} classes, the model {num_classes}"
+            )
+        logger.info("loaded CharNet from %s on %s", path, self.torch_device)
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass: the ``batch_size`` option, else a per-device default."""
+        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
+        return int(self.config.get("batch_size", default))
+
+    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
+        labels: list[Label] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            maps = self.network_maps(chunk)
+            for k, image in enumerate(chunk):
+                labels.append(self.label_from_maps({name: m[k] for name, m in maps.items()}, image.shape[:2]))
+        return labels
+
+    def network_maps(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The post-processing's inputs for a batch: N×C×h×w float32 numpy maps (stride 4)."""
+        size = (self.input_size, self.input_size)
+        batch = normalized_batch(images, size, IMAGENET_MEAN, IMAGENET_STD, self.torch_device)
+        if self.torch_device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with inference(self.torch_device, self.config.get("dtype", "auto")):
+            out = self.model(batch)
+        return {name: out[name].float().cpu().numpy() for name in _MAP_NAMES}
+
+    def label_from_maps(self, maps: Mapping[str, np.ndarray], size: tuple[int, int]) -> Label:
+        """One image's maps (C×h×w) → its word-index map at ``size`` (H, W) and the words' json."""
+        height, width = size
+        words = decode_words(
+            maps,
+            width,
+            height,
+            (self.input_size, self.input_size),
+            config=self.postprocess,
+            charset=self.charset,
+            lexicon=self.lexicon,
+        )
+        label, entries = word_label(words, width, height)
+        return Label(map=label, data=entries)
