@@ -73,15 +73,18 @@ def preprocess(image: np.ndarray, bgr: bool = False) -> torch.Tensor:
 
 
 def semantic_scores(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int]
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]
 ) -> torch.Tensor:
-    """Q×(C+1) class logits and Q×h×w mask logits → C×H×W class scores at ``size`` (Mask2Former semantic).
+    """Q×(C+1) class logits, Q×h×w mask logits → h'×w'×C class scores (Mask2Former semantic inference).
 
-    The last class is "no object" and is dropped after the softmax.
+    The mask logits are upsampled to the ``padded`` input size and cropped to the ``valid`` (unpadded)
+    part; scores are ``sum_q softmax(class_q)[c] * sigmoid(mask_q)``, the last class ("no object") dropped.
+    Pixel-major output, so per-pixel argmax and gathers read contiguous C-vectors.
     """
-    masks = F.interpolate(mask_logits[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    masks = F.interpolate(mask_logits[None].float(), size=padded, mode="bilinear", align_corners=False)[0]
+    masks = masks[:, : valid[0], : valid[1]].sigmoid()
     probs = class_logits.float().softmax(-1)[:, :-1]
-    return torch.einsum("qc,qhw->chw", probs, masks.sigmoid())
+    return torch.einsum("qc,qhw->hwc", probs, masks)
 
 
 def _linear_taps(
@@ -98,29 +101,36 @@ def _linear_taps(
 def resize_argmax(
     scores: torch.Tensor, size: tuple[int, int], max_elements: int = _SCORE_CHUNK_ELEMENTS
 ) -> torch.Tensor:
-    """argmax over C of the C×h×w ``scores`` resized bilinearly (align_corners=False) to ``size``: H×W long.
+    """argmax over C of the h×w×C ``scores`` resized bilinearly (align_corners=False) to ``size``: H×W
+    (uint8 when C ≤ 256, else long).
 
-    Same result as ``F.interpolate(scores[None], size, mode="bilinear").argmax(1)`` without building
+    Same result as ``F.interpolate`` of the C×h×w scores to ``size`` then argmax, without building
     the C×H×W upsampled scores. Each output pixel blends four source pixels; where those four share their
     argmax class, every convex blend of them has it too, so only pixels on class boundaries need the C
     scores interpolated (in chunks of ``max_elements`` values).
     """
-    num_classes, in_h, in_w = scores.shape
+    in_h, in_w, num_classes = scores.shape
     y_lo, y_hi, y_w = _linear_taps(size[0], in_h, scores.device)
     x_lo, x_hi, x_w = _linear_taps(size[1], in_w, scores.device)
-    coarse = scores.argmax(0)
-    labels = coarse[y_lo][:, x_lo]
-    boundary = (coarse[y_lo][:, x_hi] != labels) | (coarse[y_hi][:, x_lo] != labels)
-    boundary |= coarse[y_hi][:, x_hi] != labels
-    rows, cols = torch.nonzero(boundary, as_tuple=True)
+    pixels = scores.reshape(in_h * in_w, num_classes)
+    coarse = pixels.argmax(1).view(in_h, in_w)
+    if num_classes <= 256:  # a quarter of the memory traffic of int64 for the full-size gathers
+        coarse = coarse.to(torch.uint8)
+    rows_lo, rows_hi = coarse.index_select(0, y_lo), coarse.index_select(0, y_hi)
+    labels = rows_lo.index_select(1, x_lo)
+    boundary = rows_lo.index_select(1, x_hi) != labels
+    boundary |= rows_hi.index_select(1, x_lo) != labels
+    boundary |= rows_hi.index_select(1, x_hi) != labels
+    ys, xs = torch.nonzero(boundary, as_tuple=True)
     step = max(1, max_elements // num_classes)
-    for start in range(0, len(rows), step):
-        r, c = rows[start : start + step], cols[start : start + step]
-        wy, wx = y_w[r], x_w[c]
+    for start in range(0, len(ys), step):
+        r, c = ys[start : start + step], xs[start : start + step]
+        wy, wx = y_w[r, None], x_w[c, None]
+        row_lo, row_hi, col_lo, col_hi = y_lo[r] * in_w, y_hi[r] * in_w, x_lo[c], x_hi[c]
         # PyTorch's order: blend along x in the two source rows, then along y.
-        top = scores[:, y_lo[r], x_lo[c]] * (1 - wx) + scores[:, y_lo[r], x_hi[c]] * wx
-        bottom = scores[:, y_hi[r], x_lo[c]] * (1 - wx) + scores[:, y_hi[r], x_hi[c]] * wx
-        labels[r, c] = (top * (1 - wy) + bottom * wy).argmax(0)
+        upper = pixels[row_lo + col_lo] * (1 - wx) + pixels[row_lo + col_hi] * wx
+        lower = pixels[row_hi + col_lo] * (1 - wx) + pixels[row_hi + col_hi] * wx
+        labels[r, c] = (upper * (1 - wy) + lower * wy).argmax(1).to(labels.dtype)
     return labels
 
 
@@ -218,7 +228,8 @@ class Mask2FormerCOCO(Expert):
         maps = []
         with torch.inference_mode():
             for i, (tensor, size) in enumerate(zip(inputs, sizes)):
-                scores = semantic_scores(out.class_queries_logits[i], out.masks_queries_logits[i], shape)
-                scores = scores[:, : tensor.shape[1], : tensor.shape[2]]
+                scores = semantic_scores(
+                    out.class_queries_logits[i], out.masks_queries_logits[i], shape, tuple(tensor.shape[1:])
+                )
                 maps.append(resize_argmax(scores, size).to(torch.uint8).cpu().numpy())
         return maps

@@ -59,6 +59,9 @@ class TrainConfig:
     resolution: int = 224
     label_resolution: int = 224
     crop_scale: tuple[float, float] = (0.5, 1.5)
+    hflip: float = 0.5
+    randaug_n: int = 2
+    randaug_m: int = 5
     prefix: str = ""
     max_words: int = 30
     max_tokens: int = 30

@@ -842,8 +842,10 @@ class ShardStream(IterableDataset):
 
     Evaluation: one in-order pass over this rank/worker's share of the shards, last batch partial.
 
-    Batches are collated in the worker; with ``DataLoader(batch_size=None)`` worker ``w`` yields global
-    batches ``w, w + W, …``, which is how :meth:`skip_for_worker` maps a loader position to a stream.
+    Batches are collated in the worker; with ``DataLoader(batch_size=None)`` the loader takes its batches
+    from the workers round-robin, which is how :meth:`_stream` maps a loader position to a stream. (The
+    position counts samples: it stays exact unless an image that the label pipeline decoded fails to
+    decode here.)
     """
 
     def __init__(
@@ -873,34 +875,33 @@ class ShardStream(IterableDataset):
 
     # -- stream layout -------------------------------------------------------------------------------
     def _stream(self) -> tuple[int, int, int]:
-        """(stream id, number of streams, number of workers)."""
+        """(stream id, number of streams, batches this stream already gave before ``start_batch``).
+
+        The DataLoader takes batch ``j`` of this run from worker ``j % W``; that is global batch
+        ``start_batch + j``, which the uninterrupted run took from stream ``(start_batch + j) % W``. So
+        worker ``w`` plays stream ``(start_batch + w) % W`` of its rank."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers, workers
+        local = (self.start_batch + worker) % workers
+        skip = len(range(local, self.start_batch, workers))
+        return self.rank * workers + local, self.world_size * workers, skip
 
     def epoch_shards(self, epoch: int, stream: int, streams: int) -> list[str]:
         order = list(self.shards)
         random.Random(f"{self.seed}:{epoch}").shuffle(order)
         return [order[i % len(order)] for i in range(stream, max(len(order), streams), streams)]
 
-    @staticmethod
-    def skip_for_worker(start_batch: int, worker: int, workers: int) -> int:
-        """Batches worker ``worker`` already produced when the loader has yielded ``start_batch``."""
-        return len(range(worker, start_batch, workers))
-
     def _wants(self, key: str, members: Mapping[str, Any]) -> bool:
         return (self.keys is None or key in self.keys) and self.decoder.wants(key, members)
 
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stream, streams, workers = self._stream()
+        stream, streams, skip_batches = self._stream()
         if not self.train:
             yield from self._eval_batches(stream, streams)
             return
-        worker = stream - self.rank * workers
-        skip = self.skip_for_worker(self.start_batch, worker, workers) * self.batch_size
         pending: list[Example] = []
-        for ordinal, ref in self._shuffled(stream, streams, skip):
+        for ordinal, ref in self._shuffled(stream, streams, skip_batches * self.batch_size):
             rng = np.random.default_rng([self.seed, stream, ordinal])
             pending.extend(self.decoder(ref.key, ref.members or {}, rng))
             while len(pending) >= self.batch_size:

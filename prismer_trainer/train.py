@@ -479,7 +479,11 @@ def build_stream(
     keys: set[str] | None = None,
     batch_size: int | None = None,
 ) -> ShardStream:
-    augment = AugmentConfig(crop_scale=config.crop_scale) if train else None
+    augment = None
+    if train:
+        augment = AugmentConfig(
+            config.crop_scale, hflip=config.hflip, randaug_n=config.randaug_n, randaug_m=config.randaug_m
+        )
     qa = QaIndex.from_files(options.vqa_annotations) if config.task == "vqa" else None
     if config.task == "vqa" and not options.vqa_annotations:
         raise ValueError("the vqa stage needs --vqa-annotations FILE (a list of {image, question, answer})")

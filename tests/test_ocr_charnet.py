@@ -8,7 +8,7 @@ About the scheme-B label (``ocr/schemeB/label.png``): the original NMS orders ca
 unstable default argsort, and under scheme B 10,986 of the 14,077 word candidates (and nearly all
 character candidates) score exactly 1.0, so the result depends on how that sort breaks ties, which
 differs between numpy's SIMD sort kernels (CPU dependent). Feeding the reference maps to our
-post-processing with three different tie orders gives 3 to 8 words and none of the reference boxes,
+post-processing with nine combinations of tie orders gives 3 to 8 words and none of the reference boxes,
 while a literal re-statement of the original loop (pyclipper + shapely) gives exactly what our
 vectorised version gives on this machine. So that label is checked as a smoke test only (sizes,
 consistency, alphabet, run time); the NMS itself is checked exactly against a literal loop on
@@ -154,6 +154,8 @@ def test_scheme_b_label_smoke(outputs_b: dict[str, np.ndarray]) -> None:
     assert label.shape == reference.shape and label.dtype == reference.dtype
     assert 1 <= len(entries) <= 254 and len(reference_words) == 3
     _assert_label_consistent(label, entries)
+    # The words lie where the reference's do (foreground IoU 0.05-0.3 across tie orders, so only "some").
+    assert ((label != BACKGROUND) & (reference != BACKGROUND)).any()
     # Same alphabet as the reference words (the saturated classifier reads '}' and '*' almost everywhere).
     assert all(set(e["text"]) <= set(CHARSET.lower()) for e in entries + reference_words)
     assert all(e["score"] >= 0.9 for e in entries)  # only confident non-alphabetic words survive

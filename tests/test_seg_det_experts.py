@@ -279,7 +279,12 @@ def test_resize_argmax_matches_interpolate(blocky):
         scores = scores[:, :3, :3].repeat_interleave(3, 1).repeat_interleave(3, 2)[:, :7, :9]
     for size in [(7, 9), (20, 13), (3, 30), (41, 57)]:
         expected = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
-        torch.testing.assert_close(resize_argmax(scores, size, max_elements=50), expected, rtol=0, atol=0)
+        torch.testing.assert_close(
+            resize_argmax(scores.permute(1, 2, 0).contiguous(), size, max_elements=50).long(),
+            expected,
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_label_space_check():
