@@ -150,6 +150,9 @@ class OWLv2Detection(Expert):
         super().__init__(config, device)
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
+        unknown = set(self.config) - set(DEFAULTS) - {"weights", "sha256", "batch_size"}
+        if unknown:
+            logger.warning("obj_detection:owlv2 ignores unknown options %s", sorted(unknown))
         self.options = {**DEFAULTS, **{k: v for k, v in self.config.items() if k in DEFAULTS}}
         self.torch_device = resolve_device(device)
         model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
@@ -170,9 +173,9 @@ class OWLv2Detection(Expert):
         """NUM_CLASSES×D text embeddings: unit-normalised prompt embeddings averaged per class (float32)."""
         prompts, owners = query_prompts(names, self.options["prompt"], bool(self.options["split_synonyms"]))
         max_length = int(self.model.config.text_config.max_position_embeddings)
-        tokens = tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-        )
+        # Padding to the longest prompt, not to max_length as OWL's processor does: the text tower is
+        # causal and pools at EOS, so pad tokens after it cannot change the embedding.
+        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         feats = []
         with torch.inference_mode():  # fp32 even on CUDA: computed once, and it sets every class score
             for start in range(0, len(prompts), _TEXT_CHUNK):
@@ -224,8 +227,9 @@ class OWLv2Detection(Expert):
             queries = self.query_embeds[None].expand(len(images), -1, -1)
             logits, _ = self.model.class_predictor(feats, queries, None)
             pred_boxes = self.model.box_predictor(feats, feature_map)
-        best, classes = logits.float().max(-1)
-        scores = best.sigmoid()
+        # argmax takes the first of tied queries: a repeated class name always maps to its lowest index.
+        classes = logits.argmax(-1)
+        scores = logits.gather(-1, classes[..., None])[..., 0].float().sigmoid()
         return [
             self._select(pred_boxes[i].float(), classes[i], scores[i], image.shape[:2])
             for i, image in enumerate(images)

@@ -16,10 +16,11 @@ Rule (Prismer's ``generate_objdet.py::get_mask_labels``, restated so that it is 
    (a cyclic beat relation), occlusion is unresolved there and the highest covering id wins.
    Uncovered pixels are 255.
 
-For two boxes this is exactly Prismer's result; with three or more boxes over one pixel Prismer's in-place
-mask arithmetic depends on the pair order and can leave values that are neither, which this rule avoids.
-The map is computed on the grid of cells cut by the box edges, so its cost does not grow with the pixel
-count except for the final gather.
+For two boxes this is exactly Prismer's result. Where three or more boxes overlap, Prismer's in-place
+mask arithmetic depends on the pair order (a container loses the inner box's *current*, possibly already
+reduced or negative, mask rather than the overlap), so it can differ; on random, heavily overlapping test
+layouts that was 0.26% of pixels. The map is computed on the grid of cells cut by the box edges, so its
+cost grows with the pixel count only in the depth sums and the final expansion.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 BACKGROUND = 255
 MAX_INSTANCES = 254
 DEDUP_IOU = 0.95
-_CELL_CHUNK = 1 << 16  # cells per matmul chunk (bounds memory at N × 65536 floats)
+_CELL_CHUNK = 1 << 16  # grid cells per step (bounds memory at a few N × 65536 bytes)
 
 
 def rasterize_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -182,6 +182,9 @@ class Mask2FormerCOCO(Expert):
         super().__init__(config, device)
         from transformers import Mask2FormerForUniversalSegmentation
 
+        unknown = set(self.config) - {"weights", "sha256", "bgr", "batch_size"}
+        if unknown:
+            logger.warning("seg_coco:mask2former ignores unknown options %s", sorted(unknown))
         self.torch_device = resolve_device(device)
         model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
         self.weights_digest = model_dir_digest(model_dir)

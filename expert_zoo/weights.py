@@ -159,11 +159,16 @@ def _resolve_hf(source: str, expert: str, root: Path) -> Path:
         logger.info("fetching %s from the Hugging Face Hub (cached under %s)", source, root / "hf")
     try:
         if filename is None:
-            return Path(huggingface_hub.snapshot_download(repo_id, **kwargs))
+            # A model directory for transformers: config, tokenizer and PyTorch weights only
+            # (hub repos often also hold TF / Flax / ONNX copies of the same weights).
+            return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=SNAPSHOT_PATTERNS, **kwargs))
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
     except (OSError, EntryNotFoundError, HFValidationError) as exc:
         reason = "offline mode and not in the cache" if offline else f"download failed ({exc})"
         raise WeightsUnavailable(expert, source, reason) from exc
+
+
+SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.model", "vocab.*"]
 
 
 def url_cache_path(url: str, root: Path) -> Path:

@@ -119,7 +119,9 @@ class Conversion:
     replaced_utf8_rows: int = 0
 
 
-def tsv_rows(lines: Iterable[bytes], columns: tuple[str, str], counts: Conversion) -> Iterator[dict[str, str]]:
+def tsv_rows(
+    lines: Iterable[bytes], columns: tuple[str, str], counts: Conversion
+) -> Iterator[dict[str, str]]:
     """Rows of a headerless two-column TSV. No quoting: a ``"`` in a caption is just a character.
 
     A caption containing a tab is rejoined (the url is the field at its own end of the line); a line
@@ -185,9 +187,13 @@ def convert_published_file(spec: UrlList, source: str, target: str) -> Conversio
             rows = tsv_rows(handle, spec.tsv_columns, counts)
         write_url_list(rows, columns, target)
     if counts.malformed_rows:
-        logger.warning("%s: %d lines without a tab were kept with an empty url", source, counts.malformed_rows)
+        logger.warning(
+            "%s: %d lines without a tab were kept with an empty url", source, counts.malformed_rows
+        )
     if counts.replaced_utf8_rows:
-        logger.warning("%s: %d lines had invalid UTF-8 (replaced by U+FFFD)", source, counts.replaced_utf8_rows)
+        logger.warning(
+            "%s: %d lines had invalid UTF-8 (replaced by U+FFFD)", source, counts.replaced_utf8_rows
+        )
     return counts
 
 
@@ -295,8 +301,8 @@ def check_resumable(previous: Mapping[str, Any], record: Mapping[str, Any], fold
     if previous["input"]["bytes"] != record["input"]["bytes"]:
         raise ConfigError(
             f"{record['input']['file']} is not the file this download started from "
-            f"({previous['input']['bytes']} bytes then, {record['input']['bytes']} now): keys would no longer "
-            f"match rows. Restore it, or delete {folder} to start over"
+            f"({previous['input']['bytes']} bytes then, {record['input']['bytes']} now): keys would no "
+            f"longer match rows. Restore it, or delete {folder} to start over"
         )
     before, now = previous.get("img2dataset", {}), record["img2dataset"]
     changed = sorted(k for k in CONTENT_OPTIONS if before.get(k) != now.get(k))
@@ -391,7 +397,9 @@ def read_download_summary(folder: str) -> DownloadSummary | None:
         with fs.open(f"{path}/{shard}{STATS_SUFFIX}", "r", encoding="utf-8") as handle:
             summary.shards.append(_shard_stats(shard, json.load(handle)))
     done = set(stats_ids)
-    summary.incomplete = [n[: -len(".tar")] for n in names if n.endswith(".tar") and n[: -len(".tar")] not in done]
+    summary.incomplete = [
+        n[: -len(".tar")] for n in names if n.endswith(".tar") and n[: -len(".tar")] not in done
+    ]
     return summary
 
 
@@ -400,7 +408,9 @@ def format_download_summary(summary: DownloadSummary, max_rows: int = 20) -> str
     record = summary.record or {}
     transform = record.get("transform") or {}
     made_by = ", ".join(
-        str(x) for x in (transform.get("tool"), transform.get("resize_mode"), transform.get("image_size")) if x
+        str(x)
+        for x in (transform.get("tool"), transform.get("resize_mode"), transform.get("image_size"))
+        if x
     )
     count, ok = summary.total("count"), summary.total("successes")
     expected = "?" if summary.expected is None else summary.expected
@@ -419,7 +429,9 @@ def format_download_summary(summary: DownloadSummary, max_rows: int = 20) -> str
         lines.append(f"{'shard':<10}{'urls':>8}{'ok':>8}{'rate':>8}  most common error")
         for s in rows:
             error = f"{s.top_error[0][:60]} ({s.top_error[1]})" if s.top_error else ""
-            lines.append(f"{s.shard:<10}{s.count:>8}{s.successes:>8}{_percent(s.successes, s.count):>8}  {error}")
+            lines.append(
+                f"{s.shard:<10}{s.count:>8}{s.successes:>8}{_percent(s.successes, s.count):>8}  {error}"
+            )
         if len(summary.shards) > max_rows:
             rates = [s.rate for s in summary.shards]
             lines.append(
@@ -445,7 +457,9 @@ def url_list_path(folder: str) -> str:
     return f"{folder.rstrip('/')}/{RECORD_DIR}/{URL_LIST_NAME}"
 
 
-def ensure_url_list(spec: UrlList, source: str, target: str, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+def ensure_url_list(
+    spec: UrlList, source: str, target: str, previous: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """Convert the published file once (a rerun reuses it); returns the record's ``input`` entry."""
     fs, path = fsspec.core.url_to_fs(target)
     if previous is not None and fs.exists(path):
@@ -538,11 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download a web dataset's images from its published URL list into WebDataset shards.",
     )
     parser.add_argument("dataset", choices=sorted(URL_LISTS))
-    parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or "data",
-                        help="holds the published file; shards go to the manifest's folder under it")
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("DATA_ROOT") or "data",
+        help="holds the published file; shards go to the manifest's folder under it",
+    )
     parser.add_argument("--input", help="the published file (default: DATA_ROOT/<its published name>)")
-    parser.add_argument("--manifest", help="manifest giving source.path and source.transform "
-                        "(default: manifests/DATASET.yaml)")
+    parser.add_argument(
+        "--manifest",
+        help="manifest giving source.path and source.transform (default: manifests/DATASET.yaml)",
+    )
     parser.add_argument("--resize-mode", choices=RESIZE_MODES, help="override the manifest's transform")
     parser.add_argument("--image-size", type=int, help="override the manifest's transform")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
@@ -550,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=int, default=10, help="seconds per url")
     parser.add_argument("--retries", type=int, default=0, help="extra tries per url")
     parser.add_argument("--samples-per-shard", type=int, default=SAMPLES_PER_SHARD)
-    parser.add_argument("--summary", action="store_true", help="only print the summary of the download so far")
+    parser.add_argument(
+        "--summary", action="store_true", help="only print the summary of the download so far"
+    )
     return parser
 
 
@@ -563,11 +584,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder, _ = shard_folder(load_manifest(args.manifest or args.dataset, env=env))
             summary = read_download_summary(folder) or DownloadSummary(folder)
         else:
-            options = DownloadOptions(args.processes, args.threads, args.timeout, args.retries,
-                                      args.samples_per_shard)
+            options = DownloadOptions(
+                args.processes, args.threads, args.timeout, args.retries, args.samples_per_shard
+            )
             overrides = {"resize_mode": args.resize_mode, "image_size": args.image_size}
-            summary = download(args.dataset, args.data_root, input_file=args.input, manifest=args.manifest,
-                               overrides=overrides, options=options)
+            summary = download(
+                args.dataset,
+                args.data_root,
+                input_file=args.input,
+                manifest=args.manifest,
+                overrides=overrides,
+                options=options,
+            )
     except ConfigError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE

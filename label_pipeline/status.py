@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from label_pipeline.config import ConfigError, SourceConfig
+from label_pipeline.download import DownloadSummary, format_download_summary, read_download_summary
 from label_pipeline.output import OutputStore
 from label_pipeline.sources import build_source
+from label_pipeline.sources.webdataset import expand_shard_urls
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,6 +28,7 @@ class OutputStatus:
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_errors: dict[str, str] = field(default_factory=dict)
     run_stats: dict[str, Any] | None = None  # the latest OUT/stats/*.json (written by the Ray runner)
+    downloads: list[DownloadSummary] = field(default_factory=list)  # img2dataset stats beside the inputs
 
     @property
     def pending(self) -> int | None:
@@ -56,6 +62,8 @@ def output_status(root: str, count_source: bool = True) -> OutputStatus:
             current = run.get("experts", {}).get(task, {}).get("fingerprint")
             entry["stale"] += int(info.get("fingerprint") != current)
     status.run_stats = latest_run_stats(store)
+    if count_source:
+        status.downloads = download_summaries(run)
     return status
 
 
@@ -116,6 +124,24 @@ def _count_shards(run: dict[str, Any]) -> int | None:
         return None
 
 
+def download_summaries(run: dict[str, Any]) -> list[DownloadSummary]:
+    """The download stats (img2dataset ``*_stats.json``) of each folder a webdataset source reads."""
+    config = run.get("source_config") or {}
+    if config.get("format") != "webdataset" or not config.get("path"):
+        return []
+    folders = sorted({url.rsplit("/", 1)[0] for url in expand_shard_urls(config["path"])})
+    summaries = []
+    for folder in folders:
+        try:
+            summary = read_download_summary(folder)
+        except (OSError, ValueError) as exc:  # unreadable stats must not hide the labelling status
+            logger.warning("cannot read the download stats in %s: %s", folder, exc)
+            continue
+        if summary is not None:
+            summaries.append(summary)
+    return summaries
+
+
 def format_status(status: OutputStatus) -> str:
     total = "?" if status.shards_total is None else status.shards_total
     pending = "?" if status.pending is None else status.pending
@@ -137,4 +163,6 @@ def format_status(status: OutputStatus) -> str:
         lines.append(f"damaged input {shard_id}: {error}")
     if status.run_stats:
         lines += ["", *format_run_stats(status.run_stats)]
+    for summary in status.downloads:
+        lines += ["", format_download_summary(summary)]
     return "\n".join(lines)

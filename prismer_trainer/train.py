@@ -50,6 +50,7 @@ from prismer_trainer.loader import (
     labels_root,
     load_tokenizer,
     make_loader,
+    pre_question,
     to_model_inputs,
 )
 from prismer_trainer.model import PrismerModel, load_pretrained
@@ -137,7 +138,7 @@ def train(config: TrainConfig, options: RunOptions) -> TrainResult:
     # -- data and model ------------------------------------------------------------------------------
     shards = dataset_shards(options.dataset, options.labels_root)
     experts = resolve_experts(options.experts, config.model, options.dataset, options.labels_root)
-    tokenizer = resolve_tokenizer(options.tokenizer, config, shards, resume_from)
+    tokenizer = resolve_tokenizer(options.tokenizer, config, options, shards, resume_from)
     embeddings = resolve_embeddings(options.label_embeddings, experts, config.model, resume_from)
     model_config = ModelConfig.preset(
         config.model,
@@ -349,15 +350,24 @@ def resolve_experts(choice: str, model: str, dataset: str, root: str | None) -> 
 
 
 def resolve_tokenizer(
-    choice: str | None, config: TrainConfig, shards: list[str], resume_from: Path | None
+    choice: str | None, config: TrainConfig, options: RunOptions, shards: list[str], resume_from: Path | None
 ) -> Tokenizer:
+    """The checkpoint's tokenizer when resuming; else ``word`` (a vocabulary of this dataset's texts, for
+    ``tiny``) or a transformers tokenizer (RoBERTa for the real presets)."""
     if resume_from is not None:
         return load_tokenizer(resume_from / "tokenizer")
     if choice is None:
         choice = "word" if config.model == "tiny" else ModelConfig.preset(config.model).text_pretrained
-    if choice == "word":
-        return WordTokenizer.build(caption_corpus(shards, config.prefix, config.max_words))
-    return HFTokenizer(choice)
+    if choice != "word":
+        return HFTokenizer(choice)
+    if config.task == "vqa":
+        rows = [r for rs in QaIndex.from_files(options.vqa_annotations).rows.values() for r in rs]
+        answers = [a for r in rows for a in (r["answer"] if isinstance(r["answer"], list) else [r["answer"]])]
+        texts = [pre_question(r["question"], config.max_words) for r in rows] + [
+            a.capitalize() for a in answers
+        ]
+        return WordTokenizer.build(texts)
+    return WordTokenizer.build(caption_corpus(shards, config.prefix, config.max_words))
 
 
 def resolve_embeddings(

@@ -287,6 +287,17 @@ def test_resize_argmax_matches_interpolate(blocky):
         )
 
 
+def test_preprocess_normalises_and_optionally_swaps_channels():
+    from expert_zoo.segmentation import preprocess
+
+    image = _images()[0]
+    rgb, bgr = preprocess(image), preprocess(image, bgr=True)
+    assert rgb.shape == (3, 214, 480) and rgb.dtype == torch.float32
+    torch.testing.assert_close(bgr, preprocess(np.ascontiguousarray(image[..., ::-1])))
+    grey = preprocess(np.full((10, 20, 3), [124, 116, 104], np.uint8))  # ≈ the ImageNet mean → ≈ 0
+    assert grey.abs().max() < 0.01
+
+
 def test_label_space_check():
     from expert_zoo.segmentation import check_label_space, class_names
 
