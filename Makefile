@@ -33,7 +33,7 @@ labels: $(VENV)/.base $(if $(filter ray,$(RUNNER)),$(VENV)/.full)
 	  $(BIN)/label-pipeline inspect $(LABELS_DIR)/shards/00000.tar --out $(LABELS_DIR)/sheet.png --limit 6; fi
 
 test: $(VENV)/.full
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q --timeout 900 tests
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

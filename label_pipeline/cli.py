@@ -1,6 +1,7 @@
 """``label-pipeline`` (also ``python -m label_pipeline``).
 
-Exit codes: 0 = all done, 1 = finished with recorded failures, 2 = usage or configuration error.
+Exit codes: 0 = all done, 1 = finished with recorded failures, 2 = usage or configuration error,
+130 = interrupted (Ctrl-C; the output is resumable).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from label_pipeline.config import ConfigError, load_manifest
 from label_pipeline.output import OutputLocked
 from label_pipeline.run import RunOptions, RunSummary
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 logger = logging.getLogger("label_pipeline")
 
 
@@ -73,9 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ExpertUnavailable, OutputLocked, KeyError, FileNotFoundError) as exc:
+    except (ConfigError, ExpertUnavailable, OutputLocked, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        logger.error("interrupted: committed shards are kept; run the same command again to resume")
+        return EXIT_INTERRUPTED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -138,7 +142,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from label_pipeline.inspect import inspect_shard
 
-    sheet = inspect_shard(args.shard, key=args.key, limit=args.limit)
+    try:
+        sheet = inspect_shard(args.shard, key=args.key, limit=args.limit)
+    except KeyError as exc:
+        logger.error("%s", exc.args[0])
+        return EXIT_USAGE
     sheet.save(args.out)
     print(f"wrote {args.out} ({sheet.width}x{sheet.height})")
     return EXIT_OK

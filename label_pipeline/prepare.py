@@ -81,15 +81,15 @@ EXPECTED: dict[str, list[Expected]] = {
             "images",
             "VG_100K",
             "Visual Genome images, part 1",
-            "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip (unzip -d <images>; "
-            "it unpacks to VG_100K/)",
+            "https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip (unpack it so that the "
+            "images are <images>/VG_100K/*.jpg)",
         ),
         Expected(
             "images",
             "VG_100K_2",
             "Visual Genome images, part 2",
-            "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip (unzip -d <images>; "
-            "it unpacks to VG_100K_2/)",
+            "https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip (unpack it so that the "
+            "images are <images>/VG_100K_2/*.jpg)",
         ),
         Expected(
             "file",

@@ -146,6 +146,9 @@ class TokenizerUnavailable(RuntimeError):
     """RoBERTa's tokenizer cannot be loaded (offline, not cached); the message says what to do."""
 
 
+_HUB_IDS = {"roberta-base": "FacebookAI/roberta-base", "roberta-large": "FacebookAI/roberta-large"}
+
+
 class HFTokenizer:
     """A transformers tokenizer (``roberta-base`` / ``roberta-large`` or a local directory)."""
 
@@ -157,11 +160,12 @@ class HFTokenizer:
 
             self.tok = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
+            hub_id = _HUB_IDS.get(source, source)
             raise TokenizerUnavailable(
                 f"cannot load the tokenizer {source!r}: {exc}\nIt is neither a local directory nor in the "
                 "Hugging Face cache, and the hub cannot be reached (HF_HUB_OFFLINE?). On a machine with "
-                f"access run `huggingface-cli download {source}` (or save_pretrained it to a directory "
-                "and pass --tokenizer DIR); checkpoints carry their tokenizer, so eval needs no download."
+                f"access run `huggingface-cli download {hub_id}` (or save_pretrained it to a directory and "
+                "pass --tokenizer DIR); checkpoints carry their tokenizer, so eval needs no download."
             ) from exc
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
         self.pad_id, self.vocab_size = self.tok.pad_token_id, len(self.tok)
@@ -564,7 +568,7 @@ class SampleDecoder:
                 continue  # not labelled (expert failed or never ran): masked
             try:
                 label = decode_png(data)
-                if expert in CATEGORICAL and expert in ("obj_detection", "ocr_detection"):
+                if expert in ("obj_detection", "ocr_detection"):
                     side[expert] = json.loads(members.get(f"{expert}.json", b"[]"))
             except (OSError, ValueError) as exc:
                 logger.warning("sample %s: %s label unreadable (%s); masked", key, expert, exc)
@@ -766,15 +770,18 @@ def dataset_shards(dataset: str, root: str | None = None) -> list[str]:
 
 
 def dataset_size(shards: Sequence[str]) -> int | None:
-    """Usable samples per the shards' done-records (``records/<shard>.done.json`` ``ok``), if present."""
+    """Samples with an image per the shards' done-records (``records/<shard>.done.json``: ``ok`` plus
+    ``partial`` from ``status_counts``), or None when a record is missing."""
     total = 0
     for url in shards:
         base, _, name = url.rpartition("/shards/")
         record = f"{base}/records/{name.removesuffix('.tar')}.done.json"
         try:
             with fsspec.open(record, "r") as handle:
-                total += int(json.load(handle)["ok"])
-        except (OSError, ValueError, KeyError):
+                done = json.load(handle)
+            counts = done.get("status_counts") or {"ok": done["ok"]}
+            total += int(counts.get("ok", 0)) + int(counts.get("partial", 0))
+        except (OSError, ValueError, KeyError, TypeError):
             return None
     return total
 
@@ -862,8 +869,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         start_batch: int = 0,
         keys: set[str] | None = None,
+        collate_fn: Callable[[Sequence[Example], LabelEmbeddings, int], Any] | None = None,
     ) -> None:
         super().__init__()
+        self.collate_fn = collate_fn or collate
         if not shards:
             raise ValueError("no shards")
         self.shards, self.decoder, self.embeddings = list(shards), decoder, embeddings
@@ -906,7 +915,7 @@ class ShardStream(IterableDataset):
             pending.extend(self.decoder(ref.key, ref.members or {}, rng))
             while len(pending) >= self.batch_size:
                 chunk, pending = pending[: self.batch_size], pending[self.batch_size :]
-                yield collate(chunk, self.embeddings, self.decoder.tokenizer.pad_id)
+                yield self.collate_fn(chunk, self.embeddings, self.decoder.tokenizer.pad_id)
 
     def _eval_batches(self, stream: int, streams: int) -> Iterator[dict[str, Any]]:
         pending: list[Example] = []
@@ -917,9 +926,9 @@ class ShardStream(IterableDataset):
                 pending.extend(self.decoder(key, members, np.random.default_rng([self.seed, ordinal])))
                 while len(pending) >= self.batch_size:
                     chunk, pending = pending[: self.batch_size], pending[self.batch_size :]
-                    yield collate(chunk, self.embeddings, self.decoder.tokenizer.pad_id)
+                    yield self.collate_fn(chunk, self.embeddings, self.decoder.tokenizer.pad_id)
         if pending:
-            yield collate(pending, self.embeddings, self.decoder.tokenizer.pad_id)
+            yield self.collate_fn(pending, self.embeddings, self.decoder.tokenizer.pad_id)
 
     def _incoming(
         self, stream: int, streams: int, start: tuple[int, int, int] = (0, 0, 0), with_data: bool = True

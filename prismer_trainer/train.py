@@ -150,6 +150,10 @@ def train(config: TrainConfig, options: RunOptions) -> TrainResult:
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
     )
+    if resume_from:  # the checkpoint's model, even if the dataset has been labelled by more experts since
+        saved = json.loads((resume_from / "trainer_state.json").read_text())["model_config"]
+        model_config = ModelConfig.from_dict(saved)
+        experts = model_config.experts
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PrismerModel(model_config)
     if resume_from is None:
@@ -207,6 +211,8 @@ def train(config: TrainConfig, options: RunOptions) -> TrainResult:
     stop_at = total_steps if options.stop_after is None else min(total_steps, state.step + options.stop_after)
     window: list[float] = []
     started = time.perf_counter()
+    if state.step >= stop_at:
+        logger.info("nothing to train: the run is at step %d of %d", state.step, total_steps)
     while state.step < stop_at:
         loss = optimizer_step(
             wrapped, batches, optimizer, scaler, config, accumulation, device, autocast_dtype, instance_rng
@@ -240,7 +246,9 @@ def train(config: TrainConfig, options: RunOptions) -> TrainResult:
     result.steps = state.step
 
     # -- a look at what it learned -------------------------------------------------------------------
-    if world.main and config.sample_captions and config.task == "caption":
+    # (Under FSDP the parameters are sharded: one rank cannot generate alone; use `eval` on the checkpoint.)
+    sharded = world.enabled and config.parallel == "fsdp"
+    if world.main and config.sample_captions and config.task == "caption" and not sharded:
         from prismer_trainer.evaluate import sample_captions
 
         result.samples = sample_captions(

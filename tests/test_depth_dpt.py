@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from reference_data import assert_close_to_reference, load_npy, make_weights, reference_dir
+from tiny_experts import tiny_dpt_model
 
 from expert_zoo.convert_dpt import (
     UNUSED_ORIGINAL_KEYS,
@@ -83,38 +84,8 @@ def expert_b(state_dict_json, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny DPT-Hybrid (2 ViT layers, 3 one-block ResNet stages) saved with ``save_pretrained``."""
-    config = transformers.DPTConfig(
-        is_hybrid=True,
-        image_size=64,
-        patch_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        layer_norm_eps=1e-6,
-        backbone_out_indices=[0, 0, 0, 1],
-        neck_hidden_sizes=[16, 32, 32, 32],
-        reassemble_factors=[1, 1, 1, 0.5],
-        fusion_hidden_size=16,
-        backbone_featmap_shape=[1, 64, 4, 4],
-        backbone_config={
-            "global_padding": "same",
-            "layer_type": "bottleneck",
-            "depths": [1, 1, 1],
-            "hidden_sizes": [16, 32, 64, 128],
-            "embedding_size": 8,
-            "num_groups": 4,
-            "out_features": ["stage1", "stage2", "stage3"],
-            "embedding_dynamic_padding": True,
-        },
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = transformers.DPTForDepthEstimation(config).eval()
-    with torch.no_grad():
-        model.head.head[4].bias.fill_(1.0)  # keep the non-negative head off its ReLU floor
     path = tmp_path_factory.mktemp("tiny_dpt")
-    model.save_pretrained(path)
+    tiny_dpt_model().save_pretrained(path)
     return path
 
 

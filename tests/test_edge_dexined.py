@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from reference_data import assert_close_to_reference, load_npy, make_weights, reference_dir
+from tiny_experts import tiny_dexined
 
 from expert_zoo.edge import DexiNedEdge, edge_maps, load_dexined, preprocess, resize_to_image
 from expert_zoo.nets.dexined import DexiNed
@@ -112,7 +113,7 @@ def test_edge_maps_normalise_each_image_separately() -> None:
 
 def test_expert_end_to_end(tmp_path) -> None:
     assert expert_class("edge:dexined") is DexiNedEdge
-    model = DexiNed(width=0.125)
+    model = tiny_dexined()
     weights = str(tmp_path / "tiny.pth")
     torch.save(model.state_dict(), weights)
     expert = DexiNedEdge({"weights": weights, "batch_size": 1})

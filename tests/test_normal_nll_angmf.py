@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 from reference_data import assert_close_to_reference, load_npy, make_weights, reference_dir
+from tiny_experts import save_tiny_nll_angmf as save_tiny_checkpoint
 
-from expert_zoo.nets.nll_angmf import NLL_ANGMF_TINY, NLLAngMF
+from expert_zoo.nets.nll_angmf import NLLAngMF
 from expert_zoo.normal import NLLAngMFNormal, normals_to_rgb, preprocess
 from expert_zoo.registry import build_expert
 
@@ -106,19 +107,6 @@ def test_port_output_reproduces_label(scheme_outputs) -> None:
 
 
 # -- the Expert, end to end, with a tiny network saved to a file -------------------------------------------
-
-
-def save_tiny_checkpoint(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = NLLAngMF(NLL_ANGMF_TINY)
-    # Perturb BN statistics too, and wrap keys like a DataParallel checkpoint, as the real file is.
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0, 0.1)
-    state = {f"module.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"model": state}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ import pytest
 import torch
 from PIL import Image
 from reference_data import assert_close_to_reference, load_npy, make_weights, reference_dir
+from tiny_experts import CHARNET_TINY as TINY
+from tiny_experts import save_tiny_charnet
 
 from expert_zoo.base import BACKGROUND
 from expert_zoo.nets.charnet import CharNet
@@ -425,25 +427,10 @@ def test_char_dict_file(tmp_path: Path) -> None:
 
 
 # -- (d) the Expert --------------------------------------------------------------------------------------
-TINY = {"channels": (8, 8, 8, 16), "blocks": (1, 1, 1, 1), "stem_channels": 8, "bottleneck_channels": 8}
-
-
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A reduced CharNet whose heads are biased to see one big word of 'A's everywhere."""
-    generator = torch.Generator().manual_seed(0)
-    model = CharNet(**TINY)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
-        for head in (model.word_detector.word_fg_pred, model.char_detector.char_fg_pred):
-            head.bias.copy_(torch.tensor([-5.0, 5.0]))
-        model.word_detector.word_tblr_pred.bias.copy_(torch.tensor([0.3, 0.3, 0.8, 0.8]))
-        model.char_detector.char_tblr_pred.bias.copy_(torch.tensor([0.25, 0.25, 0.25, 0.25]))
-        model.char_recognizer.classifier.bias[CHARSET.index("A")] = 10.0
-    path = tmp_path_factory.mktemp("charnet") / "tiny.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_tiny_charnet(tmp_path_factory.mktemp("charnet") / "tiny.pth")
 
 
 def test_expert_labels_images_of_different_sizes(tiny_weights: Path) -> None:

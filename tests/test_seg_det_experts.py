@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_experts import save_tiny_owlv2
+from tiny_experts import tiny_mask2former as _tiny_mask2former
 
 from expert_zoo.base import Label
 from expert_zoo.instance_map import BACKGROUND, beat_matrix, depth_ordered_instance_map, rasterize_boxes
@@ -236,22 +238,6 @@ def test_beat_matrix_nesting_and_depth():
 # seg_coco:mask2former
 
 
-def _tiny_mask2former(num_labels: int):
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-    torch.manual_seed(0)
-    backbone = SwinConfig(
-        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=12,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )  # fmt: skip
-    config = Mask2FormerConfig(
-        backbone_config=backbone, hidden_dim=32, feature_size=32, mask_feature_size=32, encoder_layers=1,
-        decoder_layers=2, num_queries=8, dim_feedforward=64, encoder_feedforward_dim=64,
-        num_attention_heads=2, num_labels=num_labels,
-    )  # fmt: skip
-    return Mask2FormerForUniversalSegmentation(config).eval()
-
-
 @pytest.fixture(scope="module")
 def mask2former_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("m2f")
@@ -341,55 +327,10 @@ def test_mask2former_rejects_other_label_spaces(tmp_path):
 # obj_detection:owlv2
 
 
-def _tiny_tokenizer(prompts: list[str]):
-    """A word-level tokenizer over the prompts' words; EOS has the highest id, as CLIP's (OWL pools there)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted(
-        {w for p in prompts for w in pre_tokenizers.Whitespace().pre_tokenize_str(p) for w in [w[0]]}
-    )
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    vocab["<bos>"], vocab["<eos>"] = len(vocab), len(vocab) + 1
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.fixture(scope="module")
 def owlv2_dir(tmp_path_factory):
-    from transformers import Owlv2Config, Owlv2ForObjectDetection
-
-    from expert_zoo.detection import DEFAULTS, class_names, query_prompts
-
-    prompts, _ = query_prompts(class_names(), DEFAULTS["prompt"], True)
-    tokenizer = _tiny_tokenizer(prompts)
-    torch.manual_seed(0)
-    config = Owlv2Config(
-        text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        },
-        vision_config={
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "image_size": 64, "patch_size": 16,
-        },
-        projection_dim=32,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("owlv2")
-    model = Owlv2ForObjectDetection(config).eval()
-    with torch.no_grad():  # random box heads saturate; zero the last layer so boxes sit on the patch grid
-        model.box_head.dense2.weight.zero_()
-        model.box_head.dense2.bias.zero_()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    # Patch-sized boxes on the patch grid (the last box layer zeroed); see tiny_experts.save_tiny_owlv2.
+    return save_tiny_owlv2(tmp_path_factory.mktemp("owlv2"))
 
 
 def test_query_prompts_split_synonyms():

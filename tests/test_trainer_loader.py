@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 import torch
 from builders import image_bytes
+from reference_data import reference_dir
 
 from label_pipeline.format import encode_json, encode_png
 from label_pipeline.tario import write_tar
 from prismer_trainer.loader import (
     AugmentConfig,
     GeometricOp,
+    HFTokenizer,
     LabelEmbeddings,
     SampleDecoder,
     ShardStream,
+    TokenizerUnavailable,
     WordTokenizer,
     batch_nbytes,
     caption_tokens,
@@ -138,6 +141,20 @@ def test_pre_caption_cleans_like_prismer():
     ids, targets = caption_tokens(tokenizer, "A picture of a dog", "A picture of", max_length=30)
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id and len(ids) == 7
     assert targets[:4] == [-100] * 4 and targets[4:] == ids[4:]  # <s> A picture of: not supervised
+
+
+def test_roberta_tokenizer_offline_error_says_what_to_do():
+    with pytest.raises(TokenizerUnavailable, match="huggingface-cli download FacebookAI/roberta-base"):
+        HFTokenizer("roberta-base")  # HF_HUB_OFFLINE=1 (conftest) and nothing cached
+
+
+def test_word_tokenizer_round_trips_through_its_file(tmp_path):
+    tokenizer = WordTokenizer.build(["A dog on a bench", "A cat"])
+    tokenizer.save(tmp_path)
+    again = WordTokenizer.load(tmp_path)
+    ids = again.encode_text("A cat on a bench")
+    assert again.itos == tokenizer.itos and again.decode([0, *ids, 2, 1]) == "A cat on a bench"
+    assert again.encode_text("A zebra")[1] == again.unk_id
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +286,38 @@ def test_device_embedding_maps_equal_prismer_cpu_maps(tmp_path):
             prismer[ids == value] = vectors.get(int(value), embeddings.background)
         ours = embedding_map(**experts[name]).permute(0, 2, 3, 1).numpy()
         np.testing.assert_array_equal(ours, prismer)
+
+
+def test_loader_rebuilds_prismers_golden_model_inputs(tmp_path):
+    """Shards holding the golden batch's pictures and label ids (reference README §4) give, through
+    decode → (eval) resize → device-side embedding with Prismer's own tables, exactly the original inputs."""
+    inputs, tables = reference_dir("prismer_model", "inputs"), reference_dir("labelmaps")
+    golden = json.loads((inputs.parent / "golden.json").read_text())["inputs_meta"]["det_info"]
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    rgb = np.load(inputs / "rgb.npy")
+    pictures = np.round((rgb * std[:, None, None] + mean[:, None, None]) * 255).astype(np.uint8)
+    samples = []
+    for b in range(2):
+        labels = {
+            "seg_coco": np.load(inputs / "seg_coco_ids.npy")[b],
+            "obj_detection": np.load(inputs / "obj_detection_ids.npy")[b],
+        }
+        side = {"obj_detection": [{"instance": int(i), "class_id": c} for i, c in golden[b].items()]}
+        samples.append(sample_members(f"g{b}", "a caption", pictures[b].transpose(1, 2, 0), labels, side))
+    shard = write_label_shard(tmp_path / "shards" / "00000.tar", samples)
+    decoder = SampleDecoder(("seg_coco", "obj_detection"), make_decoder(None).tokenizer, 224, None)
+    embeddings = LabelEmbeddings.from_dir(tables)  # Prismer's CLIP-PCA class tables
+    batch = next(iter(ShardStream([shard], decoder, embeddings, 2, train=False)))
+    experts = to_model_inputs(batch, "cpu")
+    np.testing.assert_allclose(experts["rgb"].numpy(), rgb, atol=1e-5)
+    for name in ("seg_coco", "obj_detection"):
+        ids = np.load(inputs / f"{name}_ids.npy")
+        palette = np.load(inputs / f"{name}_palette.npy")
+        expected = np.stack([palette[b][ids[b]] for b in range(2)]).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(embedding_map(**experts[name]).numpy(), expected)
+    assert torch.equal(
+        experts["obj_detection"]["ids"], torch.from_numpy(np.load(inputs / "obj_detection_ids.npy"))
+    )
 
 
 # ------------------------------------------------------------------------------------------------

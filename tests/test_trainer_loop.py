@@ -98,6 +98,22 @@ def test_tiny_model_overfits_eight_samples(overfit_run):
         assert generated == reference, key  # greedy decoding reproduces every training caption
 
 
+def test_eval_selects_the_karpathy_split_by_image(overfit_run, tmp_path, monkeypatch):
+    _, out = overfit_run
+    annotations = tmp_path / "coco" / "annotations"
+    annotations.mkdir(parents=True)
+    rows = [{"image": "val2014/000001.jpg", "caption": "x"}, {"image": "val2014/000006.jpg", "caption": "y"}]
+    (annotations / "coco_karpathy_test.json").write_text(json.dumps(rows))
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))  # the default place, as manifests/coco.yaml
+    results = tmp_path / "test.json"
+    assert (
+        trainer_cli(["eval", "--checkpoint", str(out), "--split", "karpathy_test", "--out", str(results)])
+        == 0
+    )
+    report = json.loads(results.read_text())
+    assert [p["image_id"] for p in report["predictions"]] == ["000001", "000006"]
+
+
 def test_eval_scores_cider_with_beam_search(overfit_run, toy_labels, tmp_path):
     _, out = overfit_run
     results = tmp_path / "eval.json"

@@ -31,8 +31,8 @@ def run_local(
         for plan in prepared.plans:
             try:
                 result = run_shard(plan, prepared.source, prepared.store, labeler, manifest.decode)
-            except (OSError, ValueError, RuntimeError) as exc:  # the shard fails, the run goes on
-                logger.error("shard %s failed: %s", plan.shard.shard_id, exc)
+            except Exception as exc:  # noqa: BLE001 - one shard fails (recorded), the run goes on
+                logger.exception("shard %s failed: %s", plan.shard.shard_id, exc)
                 prepared.summary.failed_shards[plan.shard.shard_id] = f"{type(exc).__name__}: {exc}"
                 prepared.store.write_failed(plan.shard.shard_id, f"{type(exc).__name__}: {exc}")
                 continue

@@ -166,6 +166,14 @@ class ActorCache:
         self._sync()
         self.parked.setdefault(key, []).append(actor)
 
+    def evict(self) -> None:
+        """End every parked actor this run did not take: they hold CPUs and GPUs."""
+        self._sync()
+        for actors in self.parked.values():
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        self.parked = {}
+
 
 _CACHE = ActorCache()
 
@@ -190,7 +198,7 @@ class ExpertGroup:
         self.placements: dict[str, Placement] = first_placements(profiles, config, self.gpus, self.cpus)
         self.plan: ReplicaPlan | None = None
         self.replicas: dict[str, list[Replica]] = {task: [] for task in classes}
-        parked = _CACHE.take(("monitor",)) if reuse else None
+        parked = _CACHE.take(("monitor",)) if reuse else None  # before _start evicts the rest
         self.monitor = parked or ray.remote(RunMonitor).options(num_cpus=0).remote(list(classes))
         self.monitor.reset.remote(list(classes))
         if self.gpus == 0 and any(p.uses_gpu for p in profiles.values()):
@@ -201,14 +209,14 @@ class ExpertGroup:
         self._start({task: placement.replicas for task, placement in self.placements.items()})
 
     def _start(self, counts: Mapping[str, int], required: bool = True) -> None:
+        wanted = [(task, self._actor_key(task)) for task, count in counts.items() for _ in range(count)]
+        reused = [_CACHE.take(key) if self.reuse else None for _, key in wanted]
+        _CACHE.evict()
         new: list[Replica] = []
-        for task, count in counts.items():
-            for _ in range(count):
-                key = self._actor_key(task)
-                actor = (_CACHE.take(key) if self.reuse else None) or self._create(task)
-                replica = Replica(task, len(self.replicas[task]), actor, key)
-                self.replicas[task].append(replica)
-                new.append(replica)
+        for (task, key), actor in zip(wanted, reused):
+            replica = Replica(task, len(self.replicas[task]), actor or self._create(task), key)
+            self.replicas[task].append(replica)
+            new.append(replica)
         self._await_ready(new, required)
 
     def _actor_key(self, task: str) -> tuple:
@@ -269,8 +277,20 @@ class ExpertGroup:
             self.placements, self.config, self.gpus, self.cpus, chunk, calibration.cpu_seconds_per_image
         )
         self._start({task: p.replicas - before[task] for task, p in self.placements.items()}, required=False)
+        self._fit_shard_cpus(self.plan)
         logger.info("replica plan (%g GPUs, %g CPUs):\n%s", self.gpus, self.cpus, self.plan.describe())
         logger.info("actors:\n%s", self.describe_actors())
+
+    def _fit_shard_cpus(self, plan: ReplicaPlan) -> None:
+        """Shard tasks reserve at most what is free now (other jobs may share the cluster): a
+        reservation nobody can satisfy would stall the run."""
+        if self.config.shard_cpus is not None:
+            return
+        free = float(ray.available_resources().get("CPU", 0.0))
+        fitting = math.floor(free / plan.shards_in_flight * 10_000) / 10_000
+        if fitting < plan.shard_cpus:
+            logger.info("only %g CPUs free: shard tasks reserve %g CPU each", free, fitting)
+            plan.shard_cpus = fitting
 
     def describe_actors(self) -> str:
         lines = []
