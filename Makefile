@@ -8,6 +8,7 @@ RUNNER ?= local
 export DATA_ROOT ?= data
 export LABELS_ROOT ?= labels
 OUT ?=
+DOWNLOAD_ARGS ?=
 EXPERTS ?=
 RUN_ARGS := $(if $(OUT),--out $(OUT)) $(if $(EXPERTS),--experts $(EXPERTS)) --runner $(RUNNER)
 LABELS_DIR = $(if $(OUT),$(OUT),$(LABELS_ROOT)/$(DATASET))
@@ -24,7 +25,7 @@ $(VENV)/.base: setup.cfg pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.full: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[experts,ray,train,dev]'
+	$(BIN)/pip install --quiet -e '.[experts,ray,train,download,dev]'
 	touch $@ $(VENV)/.base
 
 labels: $(VENV)/.base $(if $(filter ray,$(RUNNER)),$(VENV)/.full)
@@ -46,7 +47,7 @@ inspect: $(VENV)/.base
 
 # Input shards from the published URL lists (CC3M, SBU, CC12M) with img2dataset; see docs/DATASETS.md.
 download: $(VENV)/.full
-	$(BIN)/python -m label_pipeline.download $(DATASET) --data-root $(DATA_ROOT)
+	$(BIN)/python -m label_pipeline.download $(DATASET) --data-root $(DATA_ROOT) $(DOWNLOAD_ARGS)
 
 # COCO / VG: check the archives the user downloaded; see docs/DATASETS.md.
 prepare: $(VENV)/.base

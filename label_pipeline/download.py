@@ -16,7 +16,7 @@ What one download did is written to ``<shards>/_download/download.json``; a reru
 transform or a changed published file is refused rather than mixing two kinds of shards.
 
 Exit codes: 0 = every shard downloaded, 1 = finished with failed shards or no image at all (rerun to
-retry), 2 = usage or configuration error. See docs/DATASETS.md.
+retry), 2 = usage or configuration error, 130 = interrupted (rerun to resume). See docs/DATASETS.md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from label_pipeline.config import ConfigError, Manifest, load_manifest
 from label_pipeline.sources.webdataset import expand_shard_urls
 
 logger = logging.getLogger("label_pipeline.download")
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 TOOL = "img2dataset"
 RECORD_DIR = "_download"  # a sub-folder: img2dataset reads every *.json beside the shards as stats
@@ -393,10 +393,17 @@ def read_download_summary(folder: str) -> DownloadSummary | None:
     if not stats_ids and record is None:
         return None
     summary = DownloadSummary(folder, record=record)
-    for shard in stats_ids:
-        with fs.open(f"{path}/{shard}{STATS_SUFFIX}", "r", encoding="utf-8") as handle:
-            summary.shards.append(_shard_stats(shard, json.load(handle)))
-    done = set(stats_ids)
+    paths = [f"{path}/{shard}{STATS_SUFFIX}" for shard in stats_ids]
+    contents = fs.cat(paths) if paths else {}  # one batched (concurrent on object stores) read
+    done = set()
+    for shard, stats_path in zip(stats_ids, paths):
+        try:
+            summary.shards.append(_shard_stats(shard, json.loads(contents[stats_path])))
+            done.add(shard)
+        except ValueError:  # cut short by a crash; img2dataset would still take the shard as done
+            logger.warning(
+                "%s is not valid JSON: delete it so the next download redoes the shard", stats_path
+            )
     summary.incomplete = [
         n[: -len(".tar")] for n in names if n.endswith(".tar") and n[: -len(".tar")] not in done
     ]
@@ -487,6 +494,8 @@ def run_img2dataset(arguments: Mapping[str, Any]) -> None:
     previous = signal.getsignal(signal.SIGINT)  # img2dataset installs its own Ctrl-C handler
     try:
         img2dataset.download(**arguments)
+    except SystemExit as exc:  # that handler's sys.exit(0) is its only exit: make Ctrl-C an interruption
+        raise KeyboardInterrupt from exc
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -599,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        logger.error("interrupted: finished shards are kept; run the same command again to resume")
+        return EXIT_INTERRUPTED
     print(format_download_summary(summary))
     if summary.complete and summary.total("successes") > 0:
         print(f"next: make labels DATASET={args.dataset} DATA_ROOT={args.data_root}")

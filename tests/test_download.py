@@ -329,6 +329,19 @@ def test_rerun_with_other_transform_or_changed_list_is_refused(roots, monkeypatc
     assert len(calls) == 1
 
 
+def test_ctrl_c_during_img2dataset_exits_130(roots, monkeypatch, caplog):
+    img2dataset = pytest.importorskip("img2dataset")
+
+    def interrupted(**_: object) -> None:
+        raise SystemExit(0)  # what img2dataset's own SIGINT handler does
+
+    monkeypatch.setattr(img2dataset, "download", interrupted)
+    data, _ = roots
+    publish("sbu", [("http://x/0.jpg", "zero")], data)
+    assert download.main(["sbu", "--data-root", str(data)]) == 130
+    assert "run the same command again to resume" in caplog.text
+
+
 def test_summary_reports_rates_and_incomplete_shards(tmp_path):
     folder = tmp_path / "cc3m"
     folder.mkdir()
@@ -342,11 +355,13 @@ def test_summary_reports_rates_and_incomplete_shards(tmp_path):
     (folder / "00000_stats.json").write_text(json.dumps(stats))
     (folder / "00000.tar").write_bytes(b"")
     (folder / "00001.tar").write_bytes(b"")  # killed before its stats were written
+    (folder / "00002.tar").write_bytes(b"")
+    (folder / "00002_stats.json").write_text('{"count": 10')  # killed while writing them
     summary = download.read_download_summary(str(folder))
     text = download.format_download_summary(summary)
-    assert summary.incomplete == ["00001"] and not summary.complete
+    assert summary.incomplete == ["00001", "00002"] and not summary.complete
     assert "00000 10000 7250 72.5% HTTP Error 404: Not Found (2000)" in " ".join(text.split())
-    assert "incomplete 00001" in text
+    assert "incomplete 00001, 00002" in text
     assert download.read_download_summary(str(tmp_path)) is None  # no stats, no record: not a download
 
 

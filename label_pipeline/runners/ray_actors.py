@@ -190,6 +190,10 @@ class ExpertCounters:
     batches: int = 0
     images: int = 0
     busy_s: float = 0.0
+    warm_batches: int = 0  # what calibration uses: every batch but each replica's first (warm-up)
+    warm_images: int = 0
+    warm_busy_s: float = 0.0
+    warmed: set[int] = field(default_factory=set)
     failed_batches: int = 0
     oom_splits: int = 0
     crashes: int = 0
@@ -210,6 +214,12 @@ class RunMonitor:
     def reset(self, tasks: Sequence[str]) -> None:
         self.started = time.time()
         self.experts = {task: ExpertCounters() for task in tasks}
+        self.cpu_images, self.cpu_s = 0, 0.0
+
+    def cpu(self, images: int, seconds: float) -> None:
+        """CPU time the shard tasks spent on ``images`` (read, decode, encode, write)."""
+        self.cpu_images += images
+        self.cpu_s += seconds
 
     def submitted(self, task: str, replica: int) -> None:
         queued = self.experts[task].queued
@@ -226,6 +236,11 @@ class RunMonitor:
         counters.batches += 1
         counters.images += images
         counters.busy_s += compute_s
+        if replica in counters.warmed:
+            counters.warm_batches += 1
+            counters.warm_images += images
+            counters.warm_busy_s += compute_s
+        counters.warmed.add(replica)
         counters.busy_by_replica[replica] = counters.busy_by_replica.get(replica, 0.0) + compute_s
         counters.compute_hist[bisect.bisect_left(LATENCY_BUCKETS_S, compute_s)] += 1
         counters.roundtrip_hist[bisect.bisect_left(LATENCY_BUCKETS_S, roundtrip_s)] += 1
@@ -241,6 +256,9 @@ class RunMonitor:
                 "batches": c.batches,
                 "images": c.images,
                 "busy_s": round(c.busy_s, 3),
+                "warm_batches": c.warm_batches,
+                "warm_images": c.warm_images,
+                "warm_busy_s": round(c.warm_busy_s, 6),
                 "busy_by_replica": {str(r): round(s, 3) for r, s in sorted(c.busy_by_replica.items())},
                 "queued": sum(c.queued.values()),
                 "failed_batches": c.failed_batches,
@@ -252,7 +270,11 @@ class RunMonitor:
                 "compute_latency_hist": list(c.compute_hist),
                 "roundtrip_latency_hist": list(c.roundtrip_hist),
             }
-        return {"elapsed_s": round(time.time() - self.started, 3), "experts": experts}
+        return {
+            "elapsed_s": round(time.time() - self.started, 3),
+            "experts": experts,
+            "cpu": {"images": self.cpu_images, "seconds": round(self.cpu_s, 6)},
+        }
 
 
 # -- the proxy the labeler calls -------------------------------------------------------------------
@@ -432,12 +454,16 @@ class RayLabeler(Labeler):
     bytes do not depend on which expert finishes first.
     """
 
-    def __init__(self, experts: Mapping[str, ExpertProxy], batch_size: int | None = None) -> None:
+    def __init__(
+        self, experts: Mapping[str, ExpertProxy], batch_size: int | None = None, monitor: Any = None
+    ) -> None:
         super().__init__(experts, batch_size)
         self.chunk = ChunkContext()
         for proxy in self.experts.values():
             proxy.context = self.chunk
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="expert-call")
+        self.monitor = monitor
+        self._cpu_mark = time.process_time()
 
     def label(self, items: Sequence[WorkItem], tasks: Sequence[str] | None = None) -> None:
         tasks = list(tasks or self.experts)
@@ -459,6 +485,15 @@ class RayLabeler(Labeler):
             self.chunk.clear()
         for item in items:
             self._finish(item)
+        self._report_cpu(len(items))
+
+    def _report_cpu(self, images: int) -> None:
+        """This process's CPU time since the last chunk (all threads: read-ahead decode, encoding,
+        tar writing): the planner's measure of the CPU stage."""
+        now = time.process_time()
+        if self.monitor is not None:
+            self.monitor.cpu.remote(images, now - self._cpu_mark)
+        self._cpu_mark = now
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -483,20 +518,20 @@ def dependency_levels(tasks: Sequence[str], experts: Mapping[str, Any]) -> list[
 
 @dataclass
 class ShardContext:
-    """Everything a shard task needs besides its plan (put into the object store once per run)."""
+    """What a shard task needs besides its plan and the source; replaced when replicas are added."""
 
-    source: Source
     output: str
     decode: DecodeConfig
     proxies: dict[str, ExpertProxy]
     batch_size: int | None
+    monitor: Any
 
 
-def label_shard(plan: ShardPlan, context: ShardContext) -> ShardResult:
+def label_shard(plan: ShardPlan, source: Source, context: ShardContext) -> ShardResult:
     """The CPU task: one shard through the core's ``run_shard`` (commit included)."""
-    labeler = RayLabeler(context.proxies, batch_size=context.batch_size)
+    labeler = RayLabeler(context.proxies, batch_size=context.batch_size, monitor=context.monitor)
     try:
-        return run_shard(plan, context.source, OutputStore(context.output), labeler, context.decode)
+        return run_shard(plan, source, OutputStore(context.output), labeler, context.decode)
     except ShardInterrupted as exc:
         raise RuntimeError(f"shard {plan.shard.shard_id} abandoned: {exc}") from None
     finally:

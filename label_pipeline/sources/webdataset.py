@@ -42,7 +42,7 @@ class WebDatasetSource:
     def shards(self) -> list[InputShard]:
         urls = expand_shard_urls(self.path)
         if self.skip_missing:
-            urls = [u for u in urls if _exists(u)]
+            urls = [u for u in urls if _is_complete(u)]
         ids = [shard_id_of(u) for u in urls]
         if len(set(ids)) != len(ids):
             raise ValueError(
@@ -85,6 +85,16 @@ def _sample_from_members(key: str, raw_key: str, members: dict[str, bytes], url:
     return Sample(key, members[image_ext], image_ext, caption, source)
 
 
-def _exists(url: str) -> bool:
+def _is_complete(url: str) -> bool:
+    """The tar exists and, in an img2dataset download folder, its download has finished.
+
+    img2dataset writes ``{shard}_stats.json`` after the shard's tar; a tar without it is still being
+    downloaded (or the download was interrupted) and must not be labelled as it stands.
+    """
     fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+    if not fs.exists(path):
+        return False
+    folder, _, name = path.rpartition("/")
+    if fs.exists(f"{folder}/_download"):
+        return fs.exists(f"{folder}/{name[: -len('.tar')]}_stats.json")
+    return True
