@@ -172,9 +172,8 @@ def main() -> None:
         print(f"{task:<16}{rate:>12.1f}{replicas[task]:>10}{entry['images_per_s'] or 0:>11.1f}  {busy}")
     cpu = stats.get("cpu_stage", {})
     if cpu.get("images"):
-        print(
-            f"\nshard tasks (read, decode, encode, write): {1000 * cpu['seconds'] / cpu['images']:.1f} ms CPU / image"
-        )
+        per_image = 1000 * cpu["seconds"] / cpu["images"]
+        print(f"\nshard tasks (read, decode, encode, write): {per_image:.1f} ms CPU / image")
     print()
     for name, ips, bound in (("in-process", local_ips, local_bound), ("Ray", ray_ips, ray_bound)):
         print(

@@ -729,6 +729,8 @@ def to_model_inputs(
         table = batch["tables"][name].to(**move)
         rows = batch["rows"][name].to(**move).long()
         experts[name] = {"ids": ids.to(**move), "table": table[rows]}
+    # The model hides the tokens of missing experts from its resampler (a mask, not just zeros).
+    experts["present"] = {name: flags.to(**move) for name, flags in batch["present"].items()}
     return experts
 
 

@@ -119,8 +119,11 @@ class PackedAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Self-attention over ``x``, or ``x`` attending to ``context``."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-attention over ``x``, or ``x`` attending to ``context``; ``key_mask`` ``[b, n_keys]`` (True =
+        attend) hides keys, e.g. the tokens of an expert a sample has no label for."""
         if context is None:
             q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
@@ -130,7 +133,8 @@ class PackedAttention(nn.Module):
             q = F.linear(x, w_q, b_q)
             k, v = F.linear(context, w_kv, b_kv).chunk(2, dim=-1)
         q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
-        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
 class Mlp(nn.Sequential):
@@ -198,9 +202,14 @@ class PerceiverBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.ln_ff = nn.LayerNorm(width)
 
-    def forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         query = self.ln_1(latents)
-        latents = latents + self.attn(query, torch.cat([query, self.ln_2(tokens)], dim=1))
+        key_mask = None
+        if token_mask is not None:  # the latents themselves are always visible
+            key_mask = torch.cat([token_mask.new_ones(query.shape[:2]), token_mask], dim=1)
+        latents = latents + self.attn(query, torch.cat([query, self.ln_2(tokens)], dim=1), key_mask)
         return latents + self.mlp(self.ln_ff(latents))
 
 
@@ -210,11 +219,11 @@ class PerceiverResampler(nn.Module):
         self.latents = nn.Parameter(width**-0.5 * torch.randn(num_latents, width))
         self.perceiver_blocks = nn.ModuleList([PerceiverBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[b, n, d]`` expert tokens -> ``[b, num_latents, d]``."""
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, n, d]`` expert tokens (``token_mask`` ``[b, n]``: False = ignore) -> ``[b, num_latents, d]``."""
         latents = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for block in self.perceiver_blocks:
-            latents = block(latents, tokens)
+            latents = block(latents, tokens, token_mask)
         return latents
 
 
@@ -298,8 +307,27 @@ class ExpertEncoder(nn.Module):
         x = self._tokens(self.conv1["rgb"](experts["rgb"]))
         expert_tokens = [self._expert_tokens(name, experts, instance_rows, rng) for name in self.experts]
         if expert_tokens:
-            x = torch.cat([x, self.resampler(torch.cat(expert_tokens, dim=1))], dim=1)
+            mask = self._token_mask(experts.get("present"), expert_tokens)
+            x = torch.cat([x, self.resampler(torch.cat(expert_tokens, dim=1), mask)], dim=1)
         return self.ln_post(self.transformer(self.ln_pre(x)))
+
+    def _token_mask(
+        self, present: Mapping[str, torch.Tensor] | None, expert_tokens: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """``[b, n]`` True where a token comes from an expert the sample has a label for.
+
+        ``present`` maps expert → ``[b]`` bool (missing entries count as present). None when nothing is
+        missing, so a full batch runs exactly the original computation.
+        """
+        if not present or all(bool(present[n].all()) for n in self.experts if n in present):
+            return None
+        parts = []
+        for name, tokens in zip(self.experts, expert_tokens):
+            flags = present.get(name)
+            if flags is None:
+                flags = torch.ones(tokens.shape[0], dtype=torch.bool)
+            parts.append(flags.to(tokens.device, torch.bool)[:, None].expand(-1, tokens.shape[1]))
+        return torch.cat(parts, dim=1)
 
     def _tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """Stem output ``[b, d, h, w]`` -> tokens ``[b, h*w, d]`` + the shared (resized) pos. embedding."""
@@ -690,6 +718,7 @@ class PrismerModel(nn.Module):
         ``experts`` maps ``rgb`` (``[b,3,H,W]`` CLIP-normalised) and each configured expert to its input:
         dense experts (depth, edge ``[b,1,H,W]``, normal ``[b,3,H,W]``) as floats in [-1, 1]; categorical
         experts (seg_*, obj_detection, ocr_detection) as ``{"ids": [b,H,W] ints, "table": [k,64] | [b,k,64]}``
+        (optional ``present``: expert → ``[b]`` bool; a False hides that sample's expert tokens)
         (the embedding map is built on the model's device) or as a prebuilt ``[b,64,H,W]`` map (obj_detection:
         ``{"label": map, "instance": ids}``). For obj_detection the ids double as instance ids; one
         instance-embedding row per id is drawn from ``rng`` (default: the ``random`` module), or taken from

@@ -383,6 +383,25 @@ def test_tiny_forward_backward_is_fast_and_respects_freezing():
     assert model.expert_encoder.instance_embedding.grad.abs().sum() > 0
 
 
+def test_missing_expert_is_masked_out_of_the_resampler():
+    """A sample without an expert's label: that expert's tokens are hidden, so its input has no effect."""
+    model = PrismerModel(ModelConfig.preset("tiny")).eval()
+    experts = tiny_experts(model.config)
+    rows = {i: i % 7 for i in range(256)}
+    with torch.no_grad():
+        full = model.encode(experts, instance_rows=rows)
+        all_present = {n: torch.ones(2, dtype=torch.bool) for n in model.config.experts}
+        same = model.encode({**experts, "present": all_present}, instance_rows=rows)
+        assert torch.equal(full, same)  # nothing missing: exactly the unmasked computation
+        present = {**all_present, "depth": torch.tensor([False, True])}
+        masked = model.encode({**experts, "present": present}, instance_rows=rows)
+        other_depth = {**experts, "depth": torch.rand_like(experts["depth"]), "present": present}
+        changed = model.encode(other_depth, instance_rows=rows)
+    assert torch.allclose(masked[0], changed[0], atol=1e-6)  # sample 0 ignores its (missing) depth
+    assert not torch.allclose(masked[1], changed[1], atol=1e-4)  # sample 1 still reads its depth
+    assert not torch.allclose(masked[0], full[0], atol=1e-4)  # and masking did change sample 0
+
+
 def test_tiny_prismerz_and_gradient_checkpointing_match():
     torch.manual_seed(0)
     model = PrismerModel(ModelConfig.preset("tiny", experts=(), hidden_dropout=0.0, attention_dropout=0.0))

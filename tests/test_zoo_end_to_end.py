@@ -1,6 +1,6 @@
 """Prismer's six experts end to end through ``label-pipeline run``, on tiny weights built in code.
 
-One run labels a 4-image WebDataset (2 shards, non-square JPEGs) with depth, normal, edge:dexined,
+One run labels a 3-image WebDataset (2 shards, non-square JPEGs) with depth, normal, edge:dexined,
 seg_coco, obj_detection and ocr_detection:charnet, each loaded through its real weight path from the
 files ``tiny_experts`` writes; the tests below check the output of that one run. A second test shows
 that an expert whose weights are unavailable stops ``run`` before anything is written.
@@ -31,7 +31,7 @@ pytest.importorskip("transformers")
 TASKS = ("depth", "normal", "edge", "seg_coco", "obj_detection", "ocr_detection")
 JSON_TASKS = ("obj_detection", "ocr_detection")
 MEMBERS = {"jpg", "txt", "json"} | {f"{t}.png" for t in TASKS} | {f"{t}.json" for t in JSON_TASKS}
-SHARD_IMAGE_SIZES = {"00000": [(40, 56), (56, 36)], "00001": [(36, 64), (60, 44)]}  # (H, W), non-square
+SHARD_IMAGE_SIZES = {"00000": [(40, 56), (56, 36)], "00001": [(36, 64)]}  # (H, W), non-square
 
 
 def _picture(height: int, width: int, seed: int) -> np.ndarray:
@@ -131,7 +131,7 @@ def test_statuses_and_fingerprints_are_recorded(zoo_run: dict) -> None:
 
 def test_verify_passes(zoo_run: dict, capsys: pytest.CaptureFixture) -> None:
     assert main(["verify", str(zoo_run["out"])]) == 0
-    assert "verified 2 shards, 4 samples: ok" in capsys.readouterr().out
+    assert "verified 2 shards, 3 samples: ok" in capsys.readouterr().out
 
 
 def _uncertain_edges(records: list[dict], size: tuple[int, int]) -> np.ndarray:
@@ -156,7 +156,7 @@ def _uncertain_edges(records: list[dict], size: tuple[int, int]) -> np.ndarray:
     return uncertain
 
 
-def test_detection_is_ordered_by_the_same_passs_depth(zoo_run: dict) -> None:
+def test_detection_is_ordered_by_depth_from_the_same_pass(zoo_run: dict) -> None:
     """The instance map is what Prismer's occlusion rule gives for the json's boxes and *this* sample's
     depth label (written in the same pass), and not what the reversed depth would give."""
     depth_decides = 0

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from expert_zoo.base import Expert, ExpertSpec, Label
 from label_pipeline.config import DecodeConfig
@@ -407,6 +407,9 @@ class ExpertProxy:
                     ) from None
                 self.monitor.event.remote(self.spec.task, "resubmitted")
                 continue  # it died running someone else's batch (or the node died): run ours again
+            except RayError as exc:  # e.g. the chunk's object was lost: not the samples' fault
+                self._done(replica, len(positions), started, None)
+                raise ShardInterrupted(f"{self.spec.task}: {type(exc).__name__}: {exc}") from None
             self._done(replica, len(positions), started, compute_s)
             return labels
         raise ShardInterrupted(f"{self.spec.task}: a batch was resubmitted {MAX_INNOCENT_RESUBMITS} times")

@@ -17,6 +17,7 @@ Ctrl-C cancels the shards in flight (their temp files are removed) and leaves a 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -57,8 +58,6 @@ from label_pipeline.runners.ray_stats import LiveView, RunStats, monitor_snapsho
 from label_pipeline.shard_job import ShardPlan, ShardResult
 
 logger = logging.getLogger(__name__)
-SHARD_ERRORS = (OSError, ValueError, RuntimeError)  # as the local runner: the shard fails, the run goes on
-CALIBRATION_IMAGES = 64
 CANCEL_GRACE_S = 10.0
 
 
@@ -302,9 +301,11 @@ class ExpertGroup:
         )
 
     def plan(self, snapshot: Mapping[str, Any], launch: bool) -> ReplicaPlan:
-        """Plan replicas from the measured rates; ``launch`` starts the extra replicas."""
+        """Plan replicas from the measured rates; ``launch`` starts the extra replicas (else the plan
+        is only a record, and the placements stay as they are)."""
+        placements = self.placements if launch else copy.deepcopy(self.placements)
         counters = snapshot.get("experts", {})
-        for task, placement in self.placements.items():
+        for task, placement in placements.items():
             measured = counters.get(task, {})
             if measured.get("warm_images") and measured.get("warm_busy_s"):
                 placement.images_per_s = measured["warm_images"] / measured["warm_busy_s"]
@@ -312,12 +313,12 @@ class ExpertGroup:
                 placement.batch_size //= 2  # it ran out of memory: later shards use half the batch
         cpu = snapshot.get("cpu", {})
         cpu_seconds = cpu["seconds"] / cpu["images"] if cpu.get("images") else None
-        before = {task: p.replicas for task, p in self.placements.items()}
-        chunk = max(p.batch_size for p in self.placements.values())
-        plan = plan_replicas(self.placements, self.config, self.gpus, self.cpus, chunk, cpu_seconds)
+        before = {task: p.replicas for task, p in placements.items()}
+        chunk = max(p.batch_size for p in placements.values())
+        plan = plan_replicas(placements, self.config, self.gpus, self.cpus, chunk, cpu_seconds)
         if launch:
             self.launch({task: p.replicas - before[task] for task, p in self.placements.items()})
-        self.fit_shard_cpus(plan)
+            self.fit_shard_cpus(plan)
         return plan
 
     def fit_shard_cpus(self, plan: ReplicaPlan) -> None:
@@ -458,6 +459,7 @@ class ShardStream:
         if self.calibrating and self.experts.calibrated(snapshot):
             self.calibrating = False
             self.plan = self.experts.plan(snapshot, launch=True)
+            self.context = self._context()  # batch sizes halved after an OOM apply from now on
             cluster = f"{self.experts.gpus:g} GPUs, {self.experts.cpus:g} CPUs"
             logger.info("replica plan (%s):\n%s", cluster, self.plan.describe())
         if self.experts.poll_launched():
@@ -469,11 +471,10 @@ class ShardStream:
         shard_id = plan.shard.shard_id
         try:
             result: ShardResult = ray.get(ref)
-        except RayTaskError as exc:
-            cause = exc.cause
-            if not isinstance(cause, SHARD_ERRORS):  # a bug, not a bad shard: stop, as the local runner
-                raise (cause if isinstance(cause, BaseException) else exc) from None
-            error = f"{type(cause).__name__}: {cause}"
+        except RayTaskError as exc:  # the shard raised: as in the local runner, it fails, the run goes on
+            cause = exc.cause if isinstance(exc.cause, BaseException) else None
+            error = f"{type(cause).__name__}: {cause}" if cause else str(exc).splitlines()[0]
+            logger.debug("shard %s failed:\n%s", shard_id, exc)
         except RayError as exc:  # the task's worker or node died
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         else:
