@@ -70,7 +70,9 @@ class CrashLedger:
     """
 
     def __init__(self, actor_id: str) -> None:
-        base = os.path.join(tempfile.gettempdir(), f"label-pipeline-actor-{actor_id}")
+        directory = os.path.join(tempfile.gettempdir(), "label-pipeline-actors")
+        os.makedirs(directory, exist_ok=True)
+        base = os.path.join(directory, actor_id)
         self.current_path, self.kills_path = f"{base}.current", f"{base}.kills.json"
         self.kills: dict[str, int] = self._load()
         if os.path.exists(self.current_path):
@@ -215,6 +217,14 @@ class RunMonitor:
         self.started = time.time()
         self.experts = {task: ExpertCounters() for task in tasks}
         self.cpu_images, self.cpu_s = 0, 0.0
+        self.stop_requested = False
+
+    def stop(self) -> None:
+        """Ask every shard task to give up at its next chunk (Ctrl-C): they remove their temp files."""
+        self.stop_requested = True
+
+    def stopping(self) -> bool:
+        return self.stop_requested
 
     def cpu(self, images: int, seconds: float) -> None:
         """CPU time the shard tasks spent on ``images`` (read, decode, encode, write)."""
@@ -469,6 +479,8 @@ class RayLabeler(Labeler):
         self._cpu_mark = time.process_time()
 
     def label(self, items: Sequence[WorkItem], tasks: Sequence[str] | None = None) -> None:
+        if self.monitor is not None and ray.get(self.monitor.stopping.remote()):
+            raise ShardInterrupted("the run was stopped")
         tasks = list(tasks or self.experts)
         self.chunk.share([item.image.array for item in items if item.image is not None])
         try:

@@ -58,7 +58,7 @@ from label_pipeline.runners.ray_stats import LiveView, RunStats, monitor_snapsho
 from label_pipeline.shard_job import ShardPlan, ShardResult
 
 logger = logging.getLogger(__name__)
-CANCEL_GRACE_S = 10.0
+CANCEL_GRACE_S = 30.0
 
 
 def run_ray(
@@ -104,8 +104,10 @@ def _label(
         )
         raise
     finally:
-        stats.write(prepared)
-        finish_run(prepared)
+        try:
+            stats.write(prepared)
+        finally:
+            finish_run(prepared)  # the lock is released whatever happened above
 
 
 def connect(address: str | None, config: RayRunnerConfig) -> bool:
@@ -493,12 +495,13 @@ class ShardStream:
         return False
 
     def _cancel(self, running: Mapping[Any, tuple[ShardPlan, int]]) -> None:
-        """Stop the shards in flight: their temp tars are removed and nothing is committed half-way."""
+        """Stop the shards in flight at their next chunk: they remove their temp tars, and nothing is
+        committed half-way. (A cooperative stop: cancelling Ray tasks as they complete can crash the
+        driver in Ray 2.60.)"""
         if not running:
             return
-        logger.info("cancelling %d shards in flight", len(running))
-        for ref in running:
-            ray.cancel(ref)
+        logger.info("stopping %d shards in flight", len(running))
+        self.experts.monitor.stop.remote()
         _, stuck = ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
         for ref in stuck:
-            ray.cancel(ref, force=True)  # leftovers are temp files, removed by the next run
+            ray.cancel(ref, force=True)  # a chunk slower than the grace period; the next run cleans up

@@ -144,5 +144,5 @@ class RunStats:
         path = f"{prepared.store.root}/stats/ray-{stamp}-{self.run_id}.json"
         try:
             prepared.store.write_bytes_atomic(path, encode_json(self.as_dict(prepared)))
-        except OSError as exc:  # statistics never decide anything: failing to write them only warns
-            logger.warning("could not write run statistics to %s: %s", path, exc)
+        except Exception:  # noqa: BLE001 - statistics never decide anything: failing to write them warns
+            logger.warning("could not write run statistics to %s", path, exc_info=True)
