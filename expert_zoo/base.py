@@ -69,6 +69,7 @@ class Expert:
     """
 
     spec: ClassVar[ExpertSpec]
+    GPU_BATCH_SIZE: ClassVar[int | None] = None  # preferred images per forward on CUDA (Prismer's sizes)
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         self.config = dict(config or {})
@@ -97,6 +98,11 @@ class Expert:
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         raise NotImplementedError
+
+    def forward_batch_size(self, on_cuda: bool) -> int:
+        """Images per forward pass: the ``batch_size`` option, else the device's preferred size."""
+        default = (self.GPU_BATCH_SIZE or self.spec.batch_size) if on_cuda else self.spec.batch_size
+        return int(self.config.get("batch_size", default))
 
     # -- storage -----------------------------------------------------------------------------
     def encode(self, label: Label) -> dict[str, bytes]:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ class DPTHybridDepth(Expert):
         input_size=INPUT_SIZE,
         uses_gpu=True,
     )
+    GPU_BATCH_SIZE: ClassVar[int] = 64  # Prismer's
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
@@ -87,7 +88,7 @@ class DPTHybridDepth(Expert):
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
-        batch_size = int(self.config.get("batch_size", self.spec.batch_size))
+        batch_size = self.forward_batch_size(self.torch_device.type == "cuda")
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             depth = self.inverse_depth(self.preprocess(chunk))

@@ -86,7 +86,7 @@ def owl_input(image: np.ndarray, size: int, pad_value: float, device: torch.devi
     bilinear resize (Gaussian σ = (factor-1)/2 when shrinking, as OWLv2's preprocessing), CLIP normalise."""
     height, width = image.shape[:2]
     side = max(height, width)
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float().div_(255.0)
+    pixels = torch.from_numpy(np.array(image, copy=True)).to(device).permute(2, 0, 1).float().div_(255.0)
     square = torch.full((3, side, side), pad_value, dtype=torch.float32, device=device)
     square[:, :height, :width] = pixels
     factor = side / size
@@ -166,8 +166,7 @@ class OWLv2Detection(Expert):
 
     @property
     def batch_size(self) -> int:
-        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
-        return int(self.config.get("batch_size", default))
+        return self.forward_batch_size(self.torch_device.type == "cuda")
 
     def _embed_queries(self, tokenizer: Any, names: Sequence[str]) -> torch.Tensor:
         """NUM_CLASSES×D text embeddings: unit-normalised prompt embeddings averaged per class (float32)."""

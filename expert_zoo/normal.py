@@ -53,7 +53,7 @@ def load_checkpoint(model: NLLAngMF, path: str) -> None:
 
 class NLLAngMFNormal(Expert):
     """Config: ``weights`` (source, default Prismer's ScanNet checkpoint), optional ``sha256``,
-    ``arch`` (``"b5"``, the real network; ``"tiny"`` only exists for tests)."""
+    ``arch`` (``"b5"``, the real network; ``"tiny"`` only exists for tests), ``batch_size``."""
 
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="normal",
@@ -64,6 +64,7 @@ class NLLAngMFNormal(Expert):
         input_size=INPUT_SIZE,
         uses_gpu=True,
     )
+    GPU_BATCH_SIZE: ClassVar[int] = 64  # Prismer's
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
@@ -88,8 +89,9 @@ class NLLAngMFNormal(Expert):
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
-        for start in range(0, len(images), self.spec.batch_size):
-            labels.extend(self._predict_batch(images[start : start + self.spec.batch_size]))
+        size = self.forward_batch_size(self.torch_device.type == "cuda")
+        for start in range(0, len(images), size):
+            labels.extend(self._predict_batch(images[start : start + size]))
         return labels
 
     def _predict_batch(self, images: list[np.ndarray]) -> list[Label]:

@@ -153,8 +153,7 @@ class CharNetOCR(Expert):
     @property
     def batch_size(self) -> int:
         """Images per forward pass: the ``batch_size`` option, else a per-device default."""
-        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
-        return int(self.config.get("batch_size", default))
+        return self.forward_batch_size(self.torch_device.type == "cuda")
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []

@@ -196,8 +196,7 @@ class Mask2FormerCOCO(Expert):
 
     @property
     def batch_size(self) -> int:
-        default = self.GPU_BATCH_SIZE if self.torch_device.type == "cuda" else self.spec.batch_size
-        return int(self.config.get("batch_size", default))
+        return self.forward_batch_size(self.torch_device.type == "cuda")
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         inputs = [preprocess(image, self.bgr) for image in images]

@@ -59,7 +59,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The pipeline's download cache: argument, else ``$LABEL_PIPELINE_CACHE``, else ``~/.cache/label_pipeline``."""
+    """The download cache: argument, else ``$LABEL_PIPELINE_CACHE``, else ``~/.cache/label_pipeline``."""
     if cache_dir is None:
         cache_dir = os.environ.get("LABEL_PIPELINE_CACHE") or Path.home() / ".cache" / "label_pipeline"
     return Path(cache_dir).expanduser()
@@ -94,7 +94,7 @@ def prefetch(
     sha256s: Mapping[str, str] | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Resolve every ``expert -> source`` (for ``make weights``); tries all, then raises listing any failures."""
+    """Resolve every ``expert -> source``; tries all, then raises one error listing any failures."""
     resolved: dict[str, Path] = {}
     failures: list[str] = []
     for expert, source in sources.items():
@@ -161,7 +161,8 @@ def _resolve_hf(source: str, expert: str, root: Path) -> Path:
         if filename is None:
             # A model directory for transformers: config, tokenizer and PyTorch weights only
             # (hub repos often also hold TF / Flax / ONNX copies of the same weights).
-            return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=SNAPSHOT_PATTERNS, **kwargs))
+            folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=SNAPSHOT_PATTERNS, **kwargs)
+            return Path(folder)
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
     except (OSError, EntryNotFoundError, HFValidationError) as exc:
         reason = "offline mode and not in the cache" if offline else f"download failed ({exc})"

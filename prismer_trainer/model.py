@@ -220,7 +220,7 @@ class PerceiverResampler(nn.Module):
         self.perceiver_blocks = nn.ModuleList([PerceiverBlock(width, heads) for _ in range(layers)])
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``[b, n, d]`` expert tokens (``token_mask`` ``[b, n]``: False = ignore) -> ``[b, num_latents, d]``."""
+        """``[b, n, d]`` expert tokens (``token_mask`` ``[b, n]``, False = ignore) -> ``[b, latents, d]``."""
         latents = self.latents.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for block in self.perceiver_blocks:
             latents = block(latents, tokens, token_mask)
