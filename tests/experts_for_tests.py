@@ -33,6 +33,16 @@ class SlowEdge(CannyEdge):
         return super().predict(images, deps)
 
 
+class OverheadEdge(CannyEdge):
+    """Canny with a large fixed cost per batch (0.05 s + 0.002 s per image): bigger batches are faster."""
+
+    spec = ExpertSpec(task="edge", backend="overhead", version="1", mode="L", batch_size=2)
+
+    def predict(self, images, deps):
+        time.sleep(0.05 + 0.002 * len(images))
+        return super().predict(images, deps)
+
+
 class BrightnessDepth(CannyEdge):
     """A stand-in 'depth' (brightness as nearness) to exercise the depth → detection dependency."""
 
@@ -77,6 +87,7 @@ def register_test_experts() -> None:
     for name, cls in [
         ("edge:flaky", "FlakyEdge"),
         ("edge:slow", "SlowEdge"),
+        ("edge:overhead", "OverheadEdge"),
         ("depth:brightness", "BrightnessDepth"),
         ("obj_detection:depthboxes", "DepthBoxes"),
     ]:

@@ -217,6 +217,20 @@ def test_replicas_planned_from_the_first_batches_take_over_later_shards(cluster,
     assert shard_bytes(on_ray) == shard_bytes(local) and len(shard_bytes(local)) == 12
 
 
+def test_batch_size_calibration_picks_the_faster_larger_batch(cluster, tmp_path, caplog):
+    source = shards(tmp_path, 2, 6)
+    experts = ["edge:overhead"]  # 0.05 s per batch + 0.002 s per image: 4 images/batch beat 1 or 2
+    settings = {"calibrate_batch_size": True, "calibration_batches": 0}
+    on_ray, local = tmp_path / "ray", tmp_path / "local"
+    manifest = write_manifest(tmp_path / "r.yaml", source, on_ray, experts, runner={"ray": settings})
+    with caplog.at_level(logging.INFO, logger="label_pipeline"):
+        assert run(manifest, "--runner", "ray") == 0
+    assert "edge: batch size 4 (calibrated" in caplog.text
+    assert stats_of(on_ray)["experts"]["edge"]["placement"]["batch_size"] == 4
+    assert run(write_manifest(tmp_path / "l.yaml", source, local, experts)) == 0
+    assert shard_bytes(on_ray) == shard_bytes(local) and len(shard_bytes(local)) == 2
+
+
 # -- faults ----------------------------------------------------------------------------------------
 def test_killed_expert_actor_is_restarted_and_output_is_identical(cluster, tmp_path):
     source = shards(tmp_path, 4, 6)
@@ -384,12 +398,27 @@ def test_planner_grows_the_bottleneck_within_the_gpus():
         first_placements(profiles, RayRunnerConfig(num_gpus={"depth": 2, "edge": 1}), gpus=2, cpus=2)
 
 
+def test_batch_size_choice_prefers_smaller_unless_a_bigger_one_is_5_percent_faster():
+    from label_pipeline.runners.ray_planner import candidate_batch_sizes, choose_batch_size
+
+    assert candidate_batch_sizes(8) == [4, 8, 16] and candidate_batch_sizes(1) == [1, 2]
+    assert candidate_batch_sizes(64) == [32, 64] and candidate_batch_sizes(100) == [50, 100]
+    assert choose_batch_size({4: 0.010, 8: 0.005, 16: 0.004}, 8) == 16  # 25% faster
+    assert choose_batch_size({4: 0.010, 8: 0.0098, 16: 0.0097}, 8) == 4  # < 5% gains: the smaller
+    assert choose_batch_size({4: 0.010, 8: 0.009, 16: None}, 8) == 8  # 16 ran out of memory
+    assert choose_batch_size({4: 0.010, 8: 0.012}, 8) == 4  # bigger is slower
+    assert choose_batch_size({}, 8) == 8  # nothing measured: unchanged
+    assert choose_batch_size({4: None, 8: None, 16: None}, 8) == 2  # all out of memory: below them
+
+
 def test_runner_block_is_validated_strictly():
     from label_pipeline.runners.ray_config import parse_ray_config
 
     tasks = ["depth", "edge"]
     config = parse_ray_config({"ray": {"replicas": {"depth": 2}, "num_gpus": {"edge": 0.25}}}, tasks)
     assert config.replicas == {"depth": 2} and config.num_gpus == {"edge": 0.25}
+    assert config.calibrate_batch_size is None  # default: calibrate the experts running on CUDA
+    assert parse_ray_config({"ray": {"calibrate_batch_size": False}}, tasks).calibrate_batch_size is False
     for bad, message in [
         ({"rey": {}}, "unknown key"),
         ({"ray": {"replica": {"depth": 2}}}, "unknown key"),
@@ -399,6 +428,7 @@ def test_runner_block_is_validated_strictly():
         ({"ray": {"num_gpus": {"edge": -1}}}, ">= 0"),
         ({"ray": {"shards_in_flight": "many"}}, "integer"),
         ({"ray": {"batch_retries": 0, "quarantine_after": 2}}, "quarantine_after"),
+        ({"ray": {"calibrate_batch_size": "yes"}}, "true or false"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_ray_config(bad, tasks)

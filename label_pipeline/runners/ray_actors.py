@@ -173,6 +173,32 @@ class ExpertActor:
             self.ledger.finish()
         return labels, time.perf_counter() - started
 
+    def time_batches(self, sizes: Sequence[int], repeats: int = 2) -> dict[int, float | None]:
+        """Seconds per image at each batch size on synthetic images (None: out of memory).
+
+        One untimed warm-up batch first (lazy initialisation, autotuning); sizes run smallest first,
+        and once one runs out of memory the bigger ones are not tried.
+        """
+        height, width = self.expert.spec.input_size or (480, 480)
+        rng = np.random.default_rng(0)  # the same images on every replica and every run
+        images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(max(sizes))]
+        timings: dict[int, float | None] = {}
+        for position, size in enumerate(sorted(sizes)):
+            try:
+                if position == 0:
+                    self.expert(images[:size], {})
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    self.expert(images[:size], {})
+                timings[size] = (time.perf_counter() - started) / (repeats * size)
+            except Exception as exc:
+                if not (_is_oom(exc) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc))):
+                    raise
+                _free_accelerator_memory()
+                timings.update({bigger: None for bigger in sizes if bigger >= size})
+                break
+        return timings
+
     @ray.method(concurrency_group="control")
     def close(self) -> None:
         self.ledger.remove()

@@ -7,6 +7,7 @@ runner:
     num_gpus: {edge: 0.25}        # GPUs per replica; fractions share a card, 0 runs on CPU
     num_cpus: {ocr_detection: 2}  # CPUs reserved per replica
     batch_sizes: {depth: 8}       # per-expert batch size (experts must be batch-invariant)
+    calibrate_batch_size: true    # time a few synthetic batches to choose the others' (default: on CUDA)
     shards_in_flight: 8           # shards being labelled at once (backpressure bound)
 ```
 
@@ -38,6 +39,7 @@ class RayRunnerConfig:
     batch_retries: int = 2  # resubmissions of a batch whose actor died while running it
     quarantine_after: int = 2  # actor deaths caused by one sample before it is given up on
     calibration_batches: int = 2  # timed batches per expert for the planner (0: no calibration)
+    calibrate_batch_size: bool | None = None  # None: for experts whose replica runs on CUDA
     max_replicas: int = 8  # per expert, for the planner
     actor_start_timeout_s: float = 600.0
     progress_interval_s: float = 15.0
@@ -86,6 +88,11 @@ def parse_ray_config(runner: Mapping[str, Any], known_tasks: Iterable[str]) -> R
     for name, minimum in _FLOAT_FIELDS.items():
         if data.get(name) is not None:
             values[name] = _number(data[name], f"runner.ray.{name}", float, minimum)
+    calibrate = data.get("calibrate_batch_size")
+    if calibrate is not None:
+        if not isinstance(calibrate, bool):
+            raise ConfigError(f"runner.ray.calibrate_batch_size: expected true or false, got {calibrate!r}")
+        values["calibrate_batch_size"] = calibrate
     if "runtime_env" in data:
         if not isinstance(data["runtime_env"], Mapping):
             raise ConfigError("runner.ray.runtime_env: expected a mapping (Ray's runtime_env)")

@@ -214,3 +214,30 @@ def default_shards_in_flight(placements: Mapping[str, Placement], chunk_size: in
     """
     needed = [math.ceil(2 * p.replicas * p.batch_size / max(chunk_size, 1)) for p in placements.values()]
     return max(2, max(needed, default=1)) + 1
+
+
+MAX_CALIBRATED_BATCH = 64  # candidate batch sizes stop here: beyond it gains are small, memory risk is not
+
+
+def candidate_batch_sizes(preferred: int) -> list[int]:
+    """The batch sizes a calibration times: half, the preferred size and double (capped)."""
+    return sorted(
+        {max(1, preferred // 2), preferred, min(2 * preferred, max(MAX_CALIBRATED_BATCH, preferred))}
+    )
+
+
+def choose_batch_size(timings: Mapping[int, float | None], preferred: int) -> int:
+    """The batch size with the best images/s from ``timings`` (seconds per image; None = out of memory).
+
+    A bigger batch is taken only when it is at least 5% faster than the best smaller one (it costs
+    memory and latency for nothing otherwise); a size that ran out of memory never is.
+    """
+    measured = sorted((size, seconds) for size, seconds in timings.items() if seconds is not None)
+    if not measured:
+        out_of_memory = [size for size in timings if size <= preferred]
+        return max(1, min(out_of_memory) // 2) if out_of_memory else preferred
+    best, best_seconds = measured[0]
+    for size, seconds in measured[1:]:
+        if seconds * 1.05 <= best_seconds:  # >= 5% more images/s
+            best, best_seconds = size, seconds
+    return best

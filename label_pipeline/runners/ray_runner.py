@@ -51,6 +51,8 @@ from label_pipeline.runners.ray_planner import (
     ExpertProfile,
     Placement,
     ReplicaPlan,
+    candidate_batch_sizes,
+    choose_batch_size,
     first_placements,
     plan_replicas,
 )
@@ -76,6 +78,7 @@ def run_ray(
     try:
         experts = ExpertGroup(classes, options_by_task, config, reuse=not started_ray)
         experts.start_first_replicas()
+        experts.choose_batch_sizes(manifest.batch_size)
         fingerprints = Labeler(experts.proxies(), batch_size=manifest.batch_size).fingerprints
         prepared = prepare_run(manifest, options, names, fingerprints)
         _label(prepared, manifest, experts, config, progress)
@@ -172,6 +175,12 @@ class ActorCache:
 _CACHE = ActorCache()
 
 
+def _preferred_batch_size(cls: type, gpus: float) -> int:
+    """A GPU expert on a cluster with GPUs starts from its GPU batch size (Prismer's), else its CPU one."""
+    gpu_size = getattr(cls, "GPU_BATCH_SIZE", None)
+    return gpu_size if cls.spec.uses_gpu and gpus > 0 and gpu_size else cls.spec.batch_size
+
+
 class ExpertGroup:
     """The expert actors of one run: their placement, their replicas and the proxies to them."""
 
@@ -187,7 +196,8 @@ class ExpertGroup:
         resources = ray.cluster_resources()
         self.gpus, self.cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
         profiles = {
-            task: ExpertProfile(task, cls.spec.uses_gpu, cls.spec.batch_size) for task, cls in classes.items()
+            task: ExpertProfile(task, cls.spec.uses_gpu, _preferred_batch_size(cls, self.gpus))
+            for task, cls in classes.items()
         }
         self.placements: dict[str, Placement] = first_placements(profiles, config, self.gpus, self.cpus)
         self.replicas: dict[str, list[Replica]] = {task: [] for task in classes}
@@ -294,6 +304,34 @@ class ExpertGroup:
         ).remote(self.classes[task], self.options[task], task)
 
     # -- planning ----------------------------------------------------------------------------------
+    def choose_batch_sizes(self, manifest_batch_size: int | None) -> None:
+        """Time a few synthetic batches at candidate sizes on each expert's first replica and keep the
+        fastest (``choose_batch_size``), where neither the manifest nor a dependency fixes the size
+        and ``calibrate_batch_size`` allows it (by default: replicas running on CUDA)."""
+        if manifest_batch_size is not None:
+            return  # the manifest's batch_size overrides every expert's
+        timing = {}
+        for task, placement in self.placements.items():
+            replica = self.replicas[task][0]
+            switch = self.config.calibrate_batch_size
+            wanted = str(replica.info.get("device", "")).startswith("cuda") if switch is None else switch
+            if wanted and task not in self.config.batch_sizes and not replica.info["spec"].requires:
+                sizes = candidate_batch_sizes(placement.batch_size)
+                timing[task] = replica.actor.time_batches.remote(sizes)
+        for task, ref in timing.items():
+            placement = self.placements[task]
+            try:
+                timings = ray.get(ref)
+            except RayError as exc:  # a failed calibration only costs speed: keep the preferred size
+                logger.warning("%s: batch-size calibration failed (%s)", task, str(exc).splitlines()[0])
+                continue
+            placement.batch_size = choose_batch_size(timings, placement.batch_size)
+            measured = ", ".join(
+                f"{size}: {'OOM' if s is None else f'{1 / s:.1f} img/s' if s else 'inf'}"
+                for size, s in sorted(timings.items())
+            )
+            logger.info("%s: batch size %d (calibrated: %s)", task, placement.batch_size, measured)
+
     def calibrated(self, snapshot: Mapping[str, Any]) -> bool:
         """Every expert has finished ``calibration_batches`` batches after its warm-up batch."""
         counters = snapshot.get("experts", {})
