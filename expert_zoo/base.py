@@ -70,6 +70,7 @@ class Expert:
 
     spec: ClassVar[ExpertSpec]
     GPU_BATCH_SIZE: ClassVar[int | None] = None  # preferred images per forward on CUDA (Prismer's sizes)
+    torch_device: Any = None  # the resolved torch device, set by experts that run a network
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         self.config = dict(config or {})
@@ -99,8 +100,10 @@ class Expert:
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         raise NotImplementedError
 
-    def forward_batch_size(self, on_cuda: bool) -> int:
+    @property
+    def batch_size(self) -> int:
         """Images per forward pass: the ``batch_size`` option, else the device's preferred size."""
+        on_cuda = self.torch_device is not None and self.torch_device.type == "cuda"
         default = (self.GPU_BATCH_SIZE or self.spec.batch_size) if on_cuda else self.spec.batch_size
         return int(self.config.get("batch_size", default))
 

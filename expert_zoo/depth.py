@@ -88,9 +88,8 @@ class DPTHybridDepth(Expert):
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
-        batch_size = self.forward_batch_size(self.torch_device.type == "cuda")
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
             depth = self.inverse_depth(self.preprocess(chunk))
             labels.extend(Label(map=depth_to_label(d, image.shape[:2])) for d, image in zip(depth, chunk))
         return labels

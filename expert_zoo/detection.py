@@ -164,10 +164,6 @@ class OWLv2Detection(Expert):
         self.query_embeds = self._embed_queries(tokenizer, class_names())
         logger.info("loaded OWLv2 from %s on %s (%d queries)", model_dir, self.torch_device, NUM_CLASSES)
 
-    @property
-    def batch_size(self) -> int:
-        return self.forward_batch_size(self.torch_device.type == "cuda")
-
     def _embed_queries(self, tokenizer: Any, names: Sequence[str]) -> torch.Tensor:
         """NUM_CLASSES×D text embeddings: unit-normalised prompt embeddings averaged per class (float32)."""
         prompts, owners = query_prompts(names, self.options["prompt"], bool(self.options["split_synonyms"]))

@@ -101,11 +101,6 @@ class DexiNedEdge(Expert):
             self.model = self.model.to(memory_format=torch.channels_last)
         logger.info("loaded DexiNed (width %s) from %s on %s", self.model.width, path, self.torch_device)
 
-    @property
-    def batch_size(self) -> int:
-        """Images per forward pass: the ``batch_size`` option, else a per-device default."""
-        return self.forward_batch_size(self.torch_device.type == "cuda")
-
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
         for start in range(0, len(images), self.batch_size):

@@ -89,9 +89,8 @@ class NLLAngMFNormal(Expert):
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
-        size = self.forward_batch_size(self.torch_device.type == "cuda")
-        for start in range(0, len(images), size):
-            labels.extend(self._predict_batch(images[start : start + size]))
+        for start in range(0, len(images), self.batch_size):
+            labels.extend(self._predict_batch(images[start : start + self.batch_size]))
         return labels
 
     def _predict_batch(self, images: list[np.ndarray]) -> list[Label]:

@@ -150,11 +150,6 @@ class CharNetOCR(Expert):
             )
         logger.info("loaded CharNet from %s on %s", path, self.torch_device)
 
-    @property
-    def batch_size(self) -> int:
-        """Images per forward pass: the ``batch_size`` option, else a per-device default."""
-        return self.forward_batch_size(self.torch_device.type == "cuda")
-
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []
         for start in range(0, len(images), self.batch_size):

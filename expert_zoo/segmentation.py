@@ -194,10 +194,6 @@ class Mask2FormerCOCO(Expert):
         self.bgr = bool(self.config.get("bgr", False))
         logger.info("loaded Mask2Former from %s on %s", model_dir, self.torch_device)
 
-    @property
-    def batch_size(self) -> int:
-        return self.forward_batch_size(self.torch_device.type == "cuda")
-
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         inputs = [preprocess(image, self.bgr) for image in images]
         # Batch only images of one padded shape, so a label never depends on its batch-mates' padding.
