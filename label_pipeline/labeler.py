@@ -193,14 +193,15 @@ class Labeler:
         requires = self.experts[task].spec.requires
         runnable = []
         for item in batch:
-            missing = [dep for dep in requires if dep not in item.labels and stored_label(item, dep) is None]
+            for dep in requires:  # a dependency from an earlier run is decoded once, then kept
+                if dep not in item.labels and (label := stored_label(item, dep)) is not None:
+                    item.labels[dep] = label
+            missing = [dep for dep in requires if dep not in item.labels]
             if missing:
                 self._record_error(task, item, RuntimeError(f"no {missing} label for this sample"))
             else:
                 runnable.append(item)
-        deps = {
-            dep: [item.labels.get(dep) or stored_label(item, dep) for item in runnable] for dep in requires
-        }
+        deps = {dep: [item.labels[dep] for item in runnable] for dep in requires}
         return deps, runnable
 
     def _store(self, task: str, item: WorkItem, label: Label) -> None:
