@@ -28,13 +28,14 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from expert_zoo.base import ExpertSpec, Label
-from expert_zoo.canny import CannyEdge
+from expert_zoo.canny import CannyEdge, CannyOptions
 from expert_zoo.registry import build_expert, register
 from label_pipeline.config import load_manifest
 from label_pipeline.decode import decode_image
@@ -44,11 +45,17 @@ from label_pipeline.sources.demo import build_demo_dataset
 from label_pipeline.tario import read_tar_samples, write_tar
 
 
+@dataclass(frozen=True)
+class SimulatedDepthOptions(CannyOptions):
+    ms_per_image: float = 20
+
+
 class SimulatedDepth(CannyEdge):
     """Holds its device for ``ms_per_image`` per image (sleeping: the host CPU stays free), like a
     GPU-bound network; the label is the image's brightness."""
 
     spec = ExpertSpec(task="depth", backend="simulated", version="1", mode="L", batch_size=16, uses_gpu=True)
+    Options = SimulatedDepthOptions
 
     def predict(self, images, deps):
         time.sleep(len(images) * float(self.config.get("ms_per_image", 20)) / 1000)

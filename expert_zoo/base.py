@@ -7,19 +7,172 @@ decoded image after EXIF orientation), so the runner can store it next to the or
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import types
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from label_pipeline.format import encode_label_members
+from label_pipeline.format import encode_label_members, encode_npy
 
 BACKGROUND = 255  # every categorical map uses 255 for "nothing here"
+NPY_MODE = "npy"  # ExpertSpec.mode of an expert that writes an array member instead of a map
 # Options that change how fast an expert runs but never what it writes: left out of the fingerprint.
 THROUGHPUT_OPTIONS = frozenset({"batch_size"})
+
+
+class ConfigError(ValueError):
+    """A manifest, command-line or expert option is wrong; the message names the bad key.
+
+    Defined here so experts can raise it while checking their options; ``label_pipeline.config``
+    re-exports it, and the CLI turns it into one line and exit code 2.
+    """
+
+
+# -- typed values ------------------------------------------------------------------------------------
+_PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
+
+
+def describe_type(hint: Any) -> str:
+    """A YAML user's name for a type annotation: ``bool`` → ``true/false``, ``str | None`` → …."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        present = [a for a in args if a is not type(None)]
+        text = " or ".join(describe_type(a) for a in present)
+        return f"{text} or null" if len(present) < len(args) else text
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple, Sequence):
+        item = _PLURALS.get(args[0]) if args else None
+        return f"a list of {item}" if item else "a list"
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return "a mapping"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    return "anything" if hint is Any else getattr(hint, "__name__", str(hint))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def type_mismatch(value: Any, hint: Any, where: str) -> str | None:
+    """None when ``value`` has type ``hint``, else a one-line error naming the innermost bad key.
+
+    YAML types only: an int is a number but a bool is neither; a list is what YAML gives for a tuple.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        ok = any(type_mismatch(value, a, where) is None for a in args)
+    elif origin is Literal:
+        ok = any(value == a and type(value) is type(a) for a in args)
+    elif origin in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            ok = False
+        else:
+            item = args[0] if args else Any
+            errors = (type_mismatch(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+            return next((e for e in errors if e is not None), None)
+    elif origin in (dict, Mapping) or hint in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            ok = False
+        else:
+            item = args[1] if len(args) == 2 else Any
+            errors = (type_mismatch(v, item, f"{where}.{k}") for k, v in value.items())
+            return next((e for e in errors if e is not None), None)
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint is Any:
+        ok = True
+    elif hint is type(None) or hint is None:
+        ok = value is None
+    else:
+        ok = isinstance(value, hint)
+    return None if ok else f"{where}: expected {describe_type(hint)}, got {_short(value)}"
+
+
+def check_type(value: Any, hint: Any, where: str) -> None:
+    """Raise :class:`ConfigError` naming ``where`` unless ``value`` has type ``hint``."""
+    error = type_mismatch(value, hint, where)
+    if error is not None:
+        raise ConfigError(error)
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``"; did you mean 'low'?"`` for a near miss among ``choices``, else an empty string.
+
+    A near miss is a close spelling (difflib) or, failing that, the one choice ``word`` begins
+    (``blur`` → ``blur_sigma``).
+    """
+    word = str(word)
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    if not close and word:
+        extended = [c for c in choices if c.startswith(word)]
+        close = extended if len(extended) == 1 else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# -- expert options ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertOptions:
+    """The options every expert accepts. Each expert subclasses this as its ``Options``: one field per
+    option, typed, with its default. Fields are checked before any weights load (see ``check_options``);
+    ``__post_init__`` checks what depends on several fields and raises :class:`ConfigError`.
+    """
+
+    batch_size: int | None = None  # images per forward; throughput only, so not in the fingerprint
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class WeightsOptions(ExpertOptions):
+    """Options of an expert that loads weights: where from, and optionally the sha256 they must have."""
+
+    weights: str = ""  # each expert sets its own default source
+    sha256: str | None = None
+
+
+def option_names(options_cls: type[ExpertOptions]) -> list[str]:
+    return sorted(f.name for f in fields(options_cls) if f.init)
+
+
+def validate_options(
+    options_cls: type[ExpertOptions], given: Any, where: str, owner: str = "this expert"
+) -> ExpertOptions:
+    """``given`` checked against ``options_cls``: every key known, every value of its declared type.
+
+    ``where`` is the options' key path (``experts[0].options``); each error names the bad key under it.
+    Returns the options with defaults filled in; the caller keeps ``given`` itself for the fingerprint.
+    """
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of option names to values, got {_short(given)}")
+    names = option_names(options_cls)
+    hints = typing.get_type_hints(options_cls)
+    for key, value in given.items():
+        if key not in names:
+            raise ConfigError(
+                f"{where}.{key}: unknown option for {owner}{did_you_mean(key, names)} "
+                f"(options: {', '.join(names)})"
+            )
+        check_type(value, hints[key], f"{where}.{key}")
+    try:
+        return options_cls(**given)
+    except ConfigError as exc:  # a check across fields, in the options' __post_init__
+        raise ConfigError(f"{where}.{exc}") from exc
 
 
 @dataclass
@@ -29,12 +182,19 @@ class Label:
     ``map`` is uint8, H×W (L8) or H×W×3 (RGB8), at the size of the image the expert was given.
     ``data`` is optional JSON-serialisable side information (detections, words); when an expert
     declares ``has_json`` it is always written, an empty list included.
+    ``array`` is the payload of an expert without a map (``spec.mode == "npy"``, e.g. per-word
+    features): ``map`` is then None and the array is stored as ``{task}.npy``.
     """
 
-    map: np.ndarray
+    map: np.ndarray | None
     data: Any = None
+    array: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.map is None:
+            if self.array is None:
+                raise ValueError("a label without a map must carry an array")
+            return
         if self.map.dtype != np.uint8 or self.map.ndim not in (2, 3):
             raise ValueError(f"label map must be uint8 HxW or HxWx3, got {self.map.dtype} {self.map.shape}")
         if self.map.ndim == 3 and self.map.shape[2] != 3:
@@ -48,7 +208,7 @@ class ExpertSpec:
     task: str  # output member name, e.g. "edge"
     backend: str  # model family, e.g. "canny"
     version: str  # bump when the label an expert writes changes for the same weights
-    mode: str  # "L" or "RGB": the PNG mode of the map
+    mode: str  # "L" or "RGB": the PNG mode of the map; "npy": no map, ``Label.array`` as ``{task}.npy``
     has_json: bool = False  # writes ``{task}.json`` next to ``{task}.png``
     batch_size: int = 8  # preferred batch size
     input_size: tuple[int, int] | None = None  # (H, W) the network sees; None = native size
@@ -64,18 +224,28 @@ class Expert:
     """Base class for experts. Subclasses set ``spec`` and implement ``predict``.
 
     ``__init__`` loads weights (it is called once per process / actor); ``__call__`` labels a batch.
-    ``config`` holds the backend's options; it is part of the fingerprint, so any option that can change
-    a label must live there.
+    ``Options`` declares the backend's options (names, types, defaults); ``config`` holds the options
+    as given and is part of the fingerprint, so any option that can change a label must live there.
+    ``opts`` is the same, checked and with defaults filled in.
     """
 
     spec: ClassVar[ExpertSpec]
+    Options: ClassVar[type[ExpertOptions]] = ExpertOptions
     GPU_BATCH_SIZE: ClassVar[int | None] = None  # preferred images per forward on CUDA (Prismer's sizes)
     torch_device: Any = None  # the resolved torch device, set by experts that run a network
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         self.config = dict(config or {})
+        # Checked again here (the registry checks first) so a directly built expert is checked too.
+        self.opts = self.check_options(self.config, "options")
         self.device = device
         self.weights_digest = ""  # subclasses that load weights set the sha256 of what they loaded
+
+    @classmethod
+    def check_options(cls, options: Any, where: str) -> ExpertOptions:
+        """Validate options against ``Options`` without building the expert (no weights are loaded)."""
+        spec = getattr(cls, "spec", None)
+        return validate_options(cls.Options, options, where, owner=spec.name if spec else cls.__name__)
 
     # -- labelling ---------------------------------------------------------------------------
     def __call__(
@@ -92,7 +262,7 @@ class Expert:
         if len(labels) != len(images):
             raise RuntimeError(f"{self.spec.name} returned {len(labels)} labels for {len(images)} images")
         for image, label in zip(images, labels):
-            if label.map.shape[:2] != image.shape[:2]:
+            if label.map is not None and label.map.shape[:2] != image.shape[:2]:
                 got, want = label.map.shape[:2], image.shape[:2]
                 raise RuntimeError(f"{self.spec.name} label {got} is not aligned with image {want}")
         return labels
@@ -110,6 +280,8 @@ class Expert:
     # -- storage -----------------------------------------------------------------------------
     def encode(self, label: Label) -> dict[str, bytes]:
         """Member extension → bytes, e.g. ``{"png": ..., "json": ...}`` (see docs/FORMAT.md)."""
+        if self.spec.mode == NPY_MODE:
+            return {"npy": encode_npy(label.array)}
         return encode_label_members(label.map, label.data if self.spec.has_json else None, self.spec.mode)
 
     # -- identity ----------------------------------------------------------------------------
@@ -126,24 +298,47 @@ class Expert:
 
 @dataclass
 class ExpertRequest:
-    """An expert named in a manifest: ``task`` or ``task:backend`` plus backend options."""
+    """An expert named in a manifest: ``task`` or ``task:backend`` plus backend options.
+
+    ``where`` is the entry's key path (``experts[0]``), so errors found later (an unknown option,
+    once the backend is resolved) still point at the line to fix.
+    """
 
     task: str
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="", compare=False, repr=False)
+
+    @property
+    def options_where(self) -> str:
+        """The key path of this entry's options, e.g. ``experts[0].options``."""
+        name = self.task if self.backend is None else f"{self.task}:{self.backend}"
+        return f"{self.where or name}.options"
 
     @classmethod
-    def parse(cls, item: str | Mapping[str, Any]) -> ExpertRequest:
+    def parse(cls, item: str | Mapping[str, Any], where: str = "") -> ExpertRequest:
+        """A manifest entry: ``"task[:backend]"`` or ``{name: "task[:backend]", options: {...}}``."""
+        here = where or "expert entry"
         if isinstance(item, str):
             task, _, backend = item.partition(":")
-            return cls(task=task.strip(), backend=backend.strip() or None)
+            if not task.strip() or (":" in item and not backend.strip()):
+                raise ConfigError(f"{here}: expected 'task' or 'task:backend', got {item!r}")
+            return cls(task=task.strip(), backend=backend.strip() or None, where=where)
         if not isinstance(item, Mapping) or "name" not in item:
-            raise ValueError(
-                f"an expert entry must be 'task[:backend]' or a mapping with 'name', got {item!r}"
+            raise ConfigError(
+                f"{here}: an expert entry must be 'task[:backend]' or a mapping with 'name', "
+                f"got {_short(item)}"
             )
-        unknown = set(item) - {"name", "options"}
+        unknown = sorted(set(item) - {"name", "options"})
         if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in expert entry {item!r}")
-        request = cls.parse(item["name"])
-        request.options = dict(item.get("options") or {})
+            hint = did_you_mean(unknown[0], ["name", "options"])
+            raise ConfigError(f"{here}: unknown key(s) {unknown} in expert entry{hint}")
+        check_type(item["name"], str, f"{here}.name")
+        request = cls.parse(item["name"], where)
+        options = item.get("options")
+        check_type(options, dict[str, Any] | None, f"{here}.options")
+        bad_keys = [k for k in options or {} if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{here}.options: option names must be strings, got {bad_keys[0]!r}")
+        request.options = dict(options or {})
         return request

@@ -3,31 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.base import THROUGHPUT_OPTIONS, ConfigError, Expert, ExpertOptions, ExpertSpec, Label
+
+
+@dataclass(frozen=True)
+class CannyOptions(ExpertOptions):
+    low: float = 100  # hysteresis thresholds on the gradient magnitude (OpenCV's Canny)
+    high: float = 200
+    blur_sigma: float = 1.0  # Gaussian blur before Canny; 0 = none
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.low <= self.high:
+            raise ConfigError(f"low: edge:canny needs 0 <= low <= high, got low={self.low}, high={self.high}")
+        if self.blur_sigma < 0:
+            raise ConfigError(f"blur_sigma: must be >= 0, got {self.blur_sigma}")
+
+
+# The defaults have always been part of this expert's fingerprint (its config): kept there, unchanged.
+_FINGERPRINTED_DEFAULTS = {k: v for k, v in asdict(CannyOptions()).items() if k not in THROUGHPUT_OPTIONS}
 
 
 class CannyEdge(Expert):
     """Edges at the image's own resolution; stored inverted like Prismer (255 = no edge, 0 = edge)."""
 
     spec = ExpertSpec(task="edge", backend="canny", version="1", mode="L", batch_size=32)
+    Options = CannyOptions
 
     def __init__(self, config: Mapping | None = None, device: str = "cpu") -> None:
-        config = {"low": 100, "high": 200, "blur_sigma": 1.0, **dict(config or {})}
-        super().__init__(config, device)
-        if not 0 <= config["low"] <= config["high"]:
-            raise ValueError(f"edge:canny needs 0 <= low <= high, got {config['low']}, {config['high']}")
+        super().__init__({**_FINGERPRINTED_DEFAULTS, **dict(config or {})}, device)
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         return [Label(self._edges(image)) for image in images]
 
     def _edges(self, image: np.ndarray) -> np.ndarray:
         grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        sigma = float(self.config["blur_sigma"])
+        sigma = float(self.opts.blur_sigma)
         if sigma > 0:
             grey = cv2.GaussianBlur(grey, (0, 0), sigma)
-        edges = cv2.Canny(grey, float(self.config["low"]), float(self.config["high"]))
+        edges = cv2.Canny(grey, float(self.opts.low), float(self.opts.high))
         return cv2.bitwise_not(edges)

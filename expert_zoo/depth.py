@@ -19,13 +19,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.base import Expert, ExpertSpec, Label, WeightsOptions
 from expert_zoo.torch_utils import inference, normalized_batch, resize_bilinear_aligned, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_WEIGHTS = "hf-hub:Intel/dpt-hybrid-midas"
 INPUT_SIZE = (480, 480)
 MEAN = STD = (0.5, 0.5, 0.5)  # Normalize(0.5, 0.5): RGB in [-1, 1]
+
+
+@dataclass(frozen=True)
+class DPTHybridOptions(WeightsOptions):
+    weights: str = DEFAULT_WEIGHTS
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class DPTHybridDepth(Expert):
@@ -53,20 +60,21 @@ class DPTHybridDepth(Expert):
         uses_gpu=True,
     )
     GPU_BATCH_SIZE: ClassVar[int] = 64  # Prismer's
+    Options = DPTHybridOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
-        from expert_zoo.weights import resolve_weights
+        from expert_zoo.weights import loading_weights, resolve_weights
 
         self.torch_device = resolve_device(device)
-        self.dtype = str(self.config.get("dtype", "auto"))
-        source = str(self.config.get("weights", DEFAULT_WEIGHTS))
-        path = resolve_weights(source, expert=self.spec.name, sha256=self.config.get("sha256"))
+        self.dtype = self.opts.dtype
+        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
         started = time.perf_counter()
-        if path.is_dir():
-            self.model, self.weights_digest = _load_transformers_dir(path)
-        else:
-            self.model, self.weights_digest = _load_original_checkpoint(path)
+        with loading_weights(self.spec.name, path):
+            if path.is_dir():
+                self.model, self.weights_digest = _load_transformers_dir(path)
+            else:
+                self.model, self.weights_digest = _load_original_checkpoint(path)
         from expert_zoo.convert_dpt import allow_input_size
 
         allow_input_size(self.model, INPUT_SIZE)
@@ -115,8 +123,9 @@ def depth_to_label(depth: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def _load_transformers_dir(path: Path) -> tuple[torch.nn.Module, str]:
     from transformers import DPTForDepthEstimation
 
-    # .float() rather than a dtype argument: its name changed across transformers versions.
-    model = DPTForDepthEstimation.from_pretrained(path).float()
+    from expert_zoo._hf import load_pretrained
+
+    model = load_pretrained(DPTForDepthEstimation, path)
     if not model.config.is_hybrid:
         raise ValueError(f"{path} holds a non-hybrid DPT; depth:dpt_hybrid needs a DPT-Hybrid model")
     return model, _directory_digest(path)

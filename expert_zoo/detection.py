@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_zoo._hf import load_label_names, model_dir_digest, resolve_model_dir
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo._hf import load_label_names, load_pretrained, model_dir_digest, resolve_model_dir
+from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label, WeightsOptions
 from expert_zoo.instance_map import DEDUP_IOU, MAX_INSTANCES, depth_ordered_instance_map
 from expert_zoo.torch_utils import inference, resolve_device
+from expert_zoo.weights import loading_weights
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,24 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return order[np.asarray(keep, dtype=np.int64)]
 
 
+@dataclass(frozen=True)
+class OWLv2Options(WeightsOptions):
+    weights: str = DEFAULT_WEIGHTS
+    threshold: float = DEFAULTS["threshold"]
+    nms_iou: float = DEFAULTS["nms_iou"]
+    prompt: str = DEFAULTS["prompt"]
+    split_synonyms: bool = DEFAULTS["split_synonyms"]
+    pad_value: float = DEFAULTS["pad_value"]
+    max_candidates: int = DEFAULTS["max_candidates"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if "{}" not in self.prompt:
+            raise ConfigError(f"prompt: must contain '{{}}' where the class name goes, got {self.prompt!r}")
+        if self.max_candidates < 1:
+            raise ConfigError(f"max_candidates: must be >= 1, got {self.max_candidates}")
+
+
 class OWLv2Detection(Expert):
     """OWLv2 (Minderer et al., NeurIPS 2023), ``owlv2-base-patch16-ensemble``, with Prismer's 722 queries.
 
@@ -145,22 +165,21 @@ class OWLv2Detection(Expert):
         uses_gpu=True,
     )
     GPU_BATCH_SIZE: ClassVar[int] = 16
+    Options = OWLv2Options
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-        unknown = set(self.config) - set(DEFAULTS) - {"weights", "sha256", "batch_size"}
-        if unknown:
-            logger.warning("obj_detection:owlv2 ignores unknown options %s", sorted(unknown))
-        self.options = {**DEFAULTS, **{k: v for k, v in self.config.items() if k in DEFAULTS}}
+        self.options = {name: getattr(self.opts, name) for name in DEFAULTS}
         self.torch_device = resolve_device(device)
         model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
-        self.weights_digest = model_dir_digest(model_dir)
-        model = Owlv2ForObjectDetection.from_pretrained(str(model_dir)).float()
+        with loading_weights(self.spec.name, model_dir):
+            self.weights_digest = model_dir_digest(model_dir)
+            model = load_pretrained(Owlv2ForObjectDetection, model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = model.eval().to(self.torch_device)
         self.image_size = int(model.config.vision_config.image_size)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.query_embeds = self._embed_queries(tokenizer, class_names())
         logger.info("loaded OWLv2 from %s on %s (%d queries)", model_dir, self.torch_device, NUM_CLASSES)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.base import Expert, ExpertSpec, Label, WeightsOptions
 from expert_zoo.nets.dexined import DexiNed, width_from_state_dict
 from expert_zoo.torch_utils import IMAGENET_MEAN, inference, normalized_batch, resolve_device
 
@@ -59,6 +60,11 @@ def resize_to_image(edge_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.BILINEAR))
 
 
+@dataclass(frozen=True)
+class DexiNedOptions(WeightsOptions):
+    weights: str = DEFAULT_WEIGHTS
+
+
 def load_dexined(state_dict: Mapping[str, torch.Tensor]) -> DexiNed:
     """Build a DexiNed of the checkpoint's width and load it strictly (Prismer's checkpoint: width 1)."""
     if not isinstance(state_dict, Mapping):
@@ -86,17 +92,18 @@ class DexiNedEdge(Expert):
         uses_gpu=True,
     )
     GPU_BATCH_SIZE: ClassVar[int] = 64
+    Options = DexiNedOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
-        from expert_zoo.weights import file_sha256, resolve_weights
+        from expert_zoo.weights import file_sha256, loading_weights, resolve_weights
 
         self.torch_device = resolve_device(device)
-        source = self.config.get("weights", DEFAULT_WEIGHTS)
-        path = resolve_weights(source, expert=self.spec.name, sha256=self.config.get("sha256"))
-        self.weights_digest = file_sha256(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        self.model = load_dexined(state_dict).to(self.torch_device)
+        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
+        with loading_weights(self.spec.name, path):
+            self.weights_digest = file_sha256(path)
+            model = load_dexined(torch.load(path, map_location="cpu", weights_only=True))
+        self.model = model.to(self.torch_device)
         if self.torch_device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         logger.info("loaded DexiNed (width %s) from %s on %s", self.model.width, path, self.torch_device)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label, WeightsOptions, did_you_mean
 from expert_zoo.nets.nll_angmf import SPECS, NLLAngMF, strip_module_prefix
 from expert_zoo.torch_utils import (
     IMAGENET_MEAN,
@@ -47,8 +48,22 @@ def normals_to_rgb(prediction: torch.Tensor, size: tuple[int, int]) -> np.ndarra
 def load_checkpoint(model: NLLAngMF, path: str) -> None:
     """Load ``torch.load(path)["model"]`` (or a bare state dict), without DataParallel prefixes, strictly."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"expected a state dict or {{'model': state dict}}, got {type(checkpoint).__name__}")
     state = checkpoint.get("model", checkpoint)
     model.load_state_dict(strip_module_prefix(state), strict=True)
+
+
+@dataclass(frozen=True)
+class NLLAngMFOptions(WeightsOptions):
+    weights: str = DEFAULT_WEIGHTS
+    arch: str = "b5"  # "b5", the real network; "tiny" only exists for tests
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.arch not in SPECS:
+            hint = did_you_mean(self.arch, SPECS)
+            raise ConfigError(f"arch: {self.arch!r} is not one of {sorted(SPECS)}{hint}")
 
 
 class NLLAngMFNormal(Expert):
@@ -65,27 +80,26 @@ class NLLAngMFNormal(Expert):
         uses_gpu=True,
     )
     GPU_BATCH_SIZE: ClassVar[int] = 64  # Prismer's
+    Options = NLLAngMFOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
-        from expert_zoo.weights import file_sha256, resolve_weights
+        from expert_zoo.weights import file_sha256, loading_weights, resolve_weights
 
-        self.config.setdefault("weights", DEFAULT_WEIGHTS)
-        self.config.setdefault("arch", "b5")
-        if self.config["arch"] not in SPECS:
-            raise ValueError(f"unknown NLL-AngMF arch {self.config['arch']!r}; choose from {sorted(SPECS)}")
-        path = resolve_weights(
-            self.config["weights"], expert=self.spec.name, sha256=self.config.get("sha256")
-        )
-        self.weights_digest = file_sha256(path)
+        # The defaults of these two have always been part of this expert's fingerprint: kept there.
+        self.config.setdefault("weights", self.opts.weights)
+        self.config.setdefault("arch", self.opts.arch)
+        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
         self.torch_device = resolve_device(device)
-        model = NLLAngMF(SPECS[self.config["arch"]])
-        load_checkpoint(model, str(path))
+        model = NLLAngMF(SPECS[self.opts.arch])
+        with loading_weights(self.spec.name, path):
+            self.weights_digest = file_sha256(path)
+            load_checkpoint(model, str(path))
         model.eval().to(self.torch_device)
         if self.torch_device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        logger.info("loaded %s (%s) from %s", self.spec.name, self.config["arch"], path)
+        logger.info("loaded %s (%s) from %s", self.spec.name, self.opts.arch, path)
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         labels: list[Label] = []

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import re
+import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label, WeightsOptions
 from expert_zoo.nets.charnet import CharNet
 from expert_zoo.ocr_postprocess import (
     CHARSET,
@@ -80,7 +82,12 @@ def load_charnet(state_dict: Mapping[str, torch.Tensor]) -> CharNet:
     """Build a CharNet shaped like the checkpoint and load it strictly, in eval mode."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a CharNet state dict, got {type(state_dict).__name__}")
-    model = CharNet(**charnet_kwargs_from_state_dict(state_dict))
+    try:
+        kwargs = charnet_kwargs_from_state_dict(state_dict)
+    except KeyError as exc:  # a bare KeyError would only show the key
+        key = str(exc.args[0]) if exc.args else ""
+        raise ValueError(f"not a CharNet state dict: {key if ' ' in key else f'it has no {key!r}'}") from exc
+    model = CharNet(**kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
@@ -95,6 +102,31 @@ def load_char_dict(path: str | Path) -> str:
     if sorted(chars) != list(range(len(chars))):
         raise ValueError(f"{path}: class indices must be 0..{len(chars) - 1} without gaps")
     return "".join(chars[i] for i in range(len(chars)))
+
+
+@dataclass(frozen=True)
+class _CharNetOwnOptions(WeightsOptions):
+    weights: str = DEFAULT_WEIGHTS
+    lexicon: str | None = None  # word list for snapping uncertain words
+    char_dict: str | None = None  # a CharNet char_dict.txt; default: the built-in classes
+    input_size: int = INPUT_SIZE  # square side the network sees; a multiple of the model's stride
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.input_size < 1:
+            raise ConfigError(f"input_size: must be >= 1, got {self.input_size}")
+
+
+# Every PostprocessConfig field is an option too, to override one threshold.
+_POSTPROCESS_TYPES = typing.get_type_hints(PostprocessConfig)
+CharNetOptions = make_dataclass(
+    "CharNetOptions",
+    [(f.name, _POSTPROCESS_TYPES[f.name], field(default=f.default)) for f in fields(PostprocessConfig)],
+    bases=(_CharNetOwnOptions,),
+    frozen=True,
+    namespace={"__module__": __name__},
+)
 
 
 class CharNetOCR(Expert):
@@ -119,24 +151,25 @@ class CharNetOCR(Expert):
         uses_gpu=True,
     )
     GPU_BATCH_SIZE: ClassVar[int] = 32
+    Options = CharNetOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
-        from expert_zoo.weights import file_sha256, resolve_weights
+        from expert_zoo.weights import file_sha256, loading_weights, resolve_weights
 
         self.torch_device = resolve_device(device)
-        self.input_size = int(self.config.get("input_size", INPUT_SIZE))
+        self.input_size = self.opts.input_size
         self.postprocess = PostprocessConfig.from_options(self.config)
-        self.charset = load_char_dict(self.config["char_dict"]) if self.config.get("char_dict") else CHARSET
-        self.lexicon = Lexicon.from_file(self.config["lexicon"]) if self.config.get("lexicon") else None
+        self.charset = load_char_dict(self.opts.char_dict) if self.opts.char_dict else CHARSET
+        self.lexicon = Lexicon.from_file(self.opts.lexicon) if self.opts.lexicon else None
         if self.lexicon is None:
             logger.info("no lexicon configured: words that Prismer would snap to its lexicon are dropped")
 
-        source = self.config.get("weights", DEFAULT_WEIGHTS)
-        path = resolve_weights(source, expert=self.spec.name, sha256=self.config.get("sha256"))
-        self.weights_digest = file_sha256(path)
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        self.model = load_charnet(state_dict).to(self.torch_device)
+        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
+        with loading_weights(self.spec.name, path):
+            self.weights_digest = file_sha256(path)
+            model = load_charnet(torch.load(path, map_location="cpu", weights_only=True))
+        self.model = model.to(self.torch_device)
         if self.torch_device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.input_size % self.model.size_multiple:
@@ -165,7 +198,7 @@ class CharNetOCR(Expert):
         batch = normalized_batch(images, size, IMAGENET_MEAN, IMAGENET_STD, self.torch_device)
         if self.torch_device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with inference(self.torch_device, self.config.get("dtype", "auto")):
+        with inference(self.torch_device, self.opts.dtype):
             out = self.model(batch)
         return {name: out[name].float().cpu().numpy() for name in _MAP_NAMES}
 

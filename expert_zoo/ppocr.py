@@ -9,33 +9,57 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
-from expert_zoo.base import BACKGROUND, Expert, ExpertSpec, Label
+from expert_zoo.base import (
+    BACKGROUND,
+    THROUGHPUT_OPTIONS,
+    ConfigError,
+    Expert,
+    ExpertOptions,
+    ExpertSpec,
+    Label,
+)
 
 logger = logging.getLogger(__name__)
 MAX_WORDS = 254  # ids 0..253; 255 is background
+
+
+@dataclass(frozen=True)
+class PPOCROptions(ExpertOptions):
+    recognize: bool = True  # fill "text"; detection alone is ~30% faster
+    limit_side_len: int = 736  # rapidocr's Det.limit_side_len
+    limit_type: Literal["min", "max"] = "min"  # whether limit_side_len bounds the short or the long side
+    box_thresh: float = 0.5
+    text_score: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.limit_side_len < 1:
+            raise ConfigError(f"limit_side_len: must be >= 1, got {self.limit_side_len}")
+        for name in ("box_thresh", "text_score"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: must be between 0 and 1, got {getattr(self, name)}")
+
+
+# The defaults have always been part of this expert's fingerprint (its config): kept there, unchanged.
+_FINGERPRINTED_DEFAULTS = {k: v for k, v in asdict(PPOCROptions()).items() if k not in THROUGHPUT_OPTIONS}
 
 
 class PPOCRDetection(Expert):
     spec = ExpertSpec(
         task="ocr_detection", backend="ppocr", version="1", mode="L", has_json=True, batch_size=8
     )
+    Options = PPOCROptions
 
     def __init__(self, config: Mapping | None = None, device: str = "cpu") -> None:
-        config = {
-            "recognize": True,  # fill "text"; detection alone is ~30% faster
-            "limit_side_len": 736,
-            "limit_type": "min",
-            "box_thresh": 0.5,
-            "text_score": 0.5,
-            **dict(config or {}),
-        }
-        super().__init__(config, device)
+        super().__init__({**_FINGERPRINTED_DEFAULTS, **dict(config or {})}, device)
+        config = self.opts
         try:
             from rapidocr import RapidOCR
         except ImportError as exc:  # the error names the fix
@@ -43,10 +67,10 @@ class PPOCRDetection(Expert):
         self.engine = RapidOCR(
             params={
                 "Global.log_level": "error",
-                "Global.text_score": float(config["text_score"]),
-                "Det.limit_side_len": int(config["limit_side_len"]),
-                "Det.limit_type": str(config["limit_type"]),
-                "Det.box_thresh": float(config["box_thresh"]),
+                "Global.text_score": float(config.text_score),
+                "Det.limit_side_len": int(config.limit_side_len),
+                "Det.limit_type": str(config.limit_type),
+                "Det.box_thresh": float(config.box_thresh),
             }
         )
         # The weights ship in the wheel: its version identifies them.
@@ -56,7 +80,7 @@ class PPOCRDetection(Expert):
         return [self._label(image) for image in images]
 
     def _label(self, image: np.ndarray) -> Label:
-        recognize = bool(self.config["recognize"])
+        recognize = self.opts.recognize
         result = self.engine(np.ascontiguousarray(image[:, :, ::-1]), use_cls=False, use_rec=recognize)
         boxes = [] if result.boxes is None else list(result.boxes)
         texts = list(getattr(result, "txts", None) or []) if recognize else []

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from expert_zoo.base import Expert, ExpertRequest
+from expert_zoo.base import Expert, ExpertOptions, ExpertRequest
 
 # "task:backend" -> "module:Class". The first backend listed for a task is its default.
 _REGISTRY: dict[str, str] = {
@@ -18,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "obj_detection:owlv2": "expert_zoo.detection:OWLv2Detection",
     "ocr_detection:charnet": "expert_zoo.ocr:CharNetOCR",
     "ocr_detection:ppocr": "expert_zoo.ppocr:PPOCRDetection",
+    "ocr_features:clip_pca": "expert_zoo.text_features:ClipPcaWordFeatures",
 }
 _DEFAULTS: dict[str, str] = {}
 
@@ -82,13 +84,47 @@ def expert_class(name: str) -> type[Expert]:
     return getattr(module, class_name)
 
 
-def build_expert(
-    request: ExpertRequest | str, device: str = "cpu", options: Mapping[str, Any] | None = None
-) -> Expert:
-    """Construct (and so load) the expert a manifest entry names."""
+@dataclass(frozen=True)
+class ResolvedExpert:
+    """A manifest entry checked against its backend, before anything is loaded."""
+
+    task: str
+    name: str  # task:backend
+    cls: type[Expert]
+    options: dict[str, Any]  # as given (what the fingerprint and ``_run.json`` hold)
+    settings: ExpertOptions  # the same, typed, with defaults filled in
+
+    def build(self, device: str = "cpu") -> Expert:
+        """Construct (and so load) the expert."""
+        return self.cls(self.options, device=device)
+
+
+def resolve_expert(request: ExpertRequest | str) -> ResolvedExpert:
+    """The backend ``request`` names, its class imported and its options checked; no weights are read.
+
+    Raises :class:`ExpertUnavailable` (unknown name, missing package) or :class:`ConfigError` (unknown or
+    ill-typed option, with the option's key path and a did-you-mean).
+    """
     if isinstance(request, str):
         request = ExpertRequest.parse(request)
     name = resolve_name(request)
     cls = expert_class(name)
-    merged = {**request.options, **(options or {})}
-    return cls(merged, device=device)
+    settings = cls.check_options(request.options, request.options_where)
+    return ResolvedExpert(request.task, name, cls, dict(request.options), settings)
+
+
+def resolve_experts(requests: Sequence[ExpertRequest]) -> dict[str, ResolvedExpert]:
+    """Every entry resolved and checked, task → expert, so a typo in the last one is reported before
+    the first one's model is loaded."""
+    return {request.task: resolve_expert(request) for request in requests}
+
+
+def build_expert(
+    request: ExpertRequest | str, device: str = "cpu", options: Mapping[str, Any] | None = None
+) -> Expert:
+    """Construct (and so load) the expert a manifest entry names; ``options`` override the entry's."""
+    if isinstance(request, str):
+        request = ExpertRequest.parse(request)
+    if options:
+        request = replace(request, options={**request.options, **options})
+    return resolve_expert(request).build(device)

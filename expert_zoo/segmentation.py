@@ -16,15 +16,17 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_zoo._hf import load_label_names, model_dir_digest, resolve_model_dir
-from expert_zoo.base import Expert, ExpertSpec, Label
+from expert_zoo._hf import load_label_names, load_pretrained, model_dir_digest, resolve_model_dir
+from expert_zoo.base import Expert, ExpertSpec, Label, WeightsOptions
 from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, inference, pil_resize, resolve_device
+from expert_zoo.weights import loading_weights
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,12 @@ def check_label_space(id2label: Mapping[int, str] | None, num_labels: int) -> No
         logger.warning("Mask2Former thing-class names differ from Prismer's at %s", wrong)
 
 
+@dataclass(frozen=True)
+class Mask2FormerOptions(WeightsOptions):
+    weights: str = DEFAULT_WEIGHTS
+    bgr: bool = False  # feed BGR as Prismer did; the weights expect RGB
+
+
 class Mask2FormerCOCO(Expert):
     """Mask2Former (Cheng et al., CVPR 2022), Swin-L COCO-panoptic weights, semantic inference.
 
@@ -177,21 +185,20 @@ class Mask2FormerCOCO(Expert):
         uses_gpu=True,
     )
     GPU_BATCH_SIZE: ClassVar[int] = 16
+    Options = Mask2FormerOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
         from transformers import Mask2FormerForUniversalSegmentation
 
-        unknown = set(self.config) - {"weights", "sha256", "bgr", "batch_size"}
-        if unknown:
-            logger.warning("seg_coco:mask2former ignores unknown options %s", sorted(unknown))
         self.torch_device = resolve_device(device)
         model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
-        self.weights_digest = model_dir_digest(model_dir)
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(str(model_dir)).float()
-        check_label_space(model.config.id2label, model.config.num_labels)
+        with loading_weights(self.spec.name, model_dir):
+            self.weights_digest = model_dir_digest(model_dir)
+            model = load_pretrained(Mask2FormerForUniversalSegmentation, model_dir)
+            check_label_space(model.config.id2label, model.config.num_labels)
         self.model = model.eval().to(self.torch_device)
-        self.bgr = bool(self.config.get("bgr", False))
+        self.bgr = self.opts.bgr
         logger.info("loaded Mask2Former from %s on %s", model_dir, self.torch_device)
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:

@@ -14,14 +14,16 @@ With ``HF_HUB_OFFLINE=1`` or ``LABEL_PIPELINE_OFFLINE=1`` nothing touches the ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,20 +35,107 @@ HF_PREFIX = "hf-hub:"
 _CHUNK = 1 << 20
 _HTTP_TIMEOUT_S = 60
 _TRUE = {"1", "on", "yes", "true"}
+_OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "LABEL_PIPELINE_OFFLINE")
 
 
 class WeightsUnavailable(ExpertUnavailable):
-    """An expert's weights cannot be found or fetched; the message says how to get them."""
+    """An expert's weights cannot be found or fetched; the message says how to get them.
 
-    def __init__(self, expert: str, source: str, reason: str) -> None:
-        hint = f"fetch them with: make weights EXPERTS={expert}"
-        if source.startswith(HF_PREFIX):
-            hint += (
-                "; or download the file manually and pass its local path as the expert's "
-                "`weights` option in the manifest"
-            )
+    ``hint`` replaces the default advice (``make weights``), e.g. offline, where that would fail the same way.
+    """
+
+    def __init__(self, expert: str, source: str, reason: str, hint: str | None = None) -> None:
+        if hint is None:
+            hint = f"fetch them with: make weights EXPERTS={expert}"
+            if source.startswith(HF_PREFIX):
+                hint += f"; or {_MANUAL_HINT}"
         super().__init__(f"weights for expert {expert!r} unavailable from {source!r}: {reason}; {hint}")
         self.expert, self.source, self.reason = expert, source, reason
+
+
+class WeightsUnreadable(ExpertUnavailable):
+    """Weights were found but cannot be loaded (truncated, garbage, wrong keys or shapes): one line naming
+    the expert, the file and what to do, instead of the loader's traceback."""
+
+    def __init__(self, expert: str, path: str | Path, reason: str) -> None:
+        hint = _repair_hint(expert, Path(path))
+        super().__init__(f"expert {expert!r}: cannot load weights from {path}: {reason}; {hint}")
+        self.expert, self.path, self.reason = expert, Path(path), reason
+
+
+_MANUAL_HINT = (
+    "download the file manually and pass its local path as the expert's `weights` option in the manifest"
+)
+_MAX_REASON = 300
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")  # not "e.g. x"
+
+
+@contextlib.contextmanager
+def loading_weights(expert: str, path: str | Path) -> Iterator[None]:
+    """Run an expert's weight loading; any failure becomes one :class:`WeightsUnreadable` naming ``path``.
+
+    Broken files fail in many library-specific ways (``UnpicklingError``, ``RuntimeError`` from the zip
+    reader or a strict ``load_state_dict``, ``KeyError``/``IndexError`` while reading shapes, safetensors'
+    own errors, ``OSError``), so everything but an already-actionable :class:`ExpertUnavailable` is
+    wrapped; the original traceback stays chained and is logged at debug level.
+    """
+    try:
+        yield
+    except ExpertUnavailable:
+        raise
+    except Exception as exc:
+        logger.debug("loading weights for %s from %s failed", expert, path, exc_info=True)
+        raise WeightsUnreadable(expert, path, load_error_reason(exc)) from exc
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One short line saying why loading failed: the exception's type and the gist of its message."""
+    text = " ".join(str(exc).split())
+    if text.startswith("Weights only load failed") or "WeightsUnpickler error:" in text:
+        # torch's message suggests ``weights_only=False``, i.e. running the file's code: keep only the cause.
+        cause = text
+        for lead in ("from a trusted source.", "WeightsUnpickler error:"):
+            cause = cause.split(lead, 1)[-1]
+        cause = _SENTENCE_END.split(cause.split(" Check the documentation")[0], maxsplit=1)[0]
+        text = f"not a plain tensor file ({cause.strip().rstrip('.')})"
+    elif text.startswith("Error(s) in loading state_dict"):
+        text = _state_dict_mismatch(text)
+    elif len(text) > _MAX_REASON // 2 and (end := _SENTENCE_END.search(text, 20)):
+        text = text[: end.start()]  # the first sentence: the rest is usually generic advice
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _state_dict_mismatch(text: str) -> str:
+    """torch's strict ``load_state_dict`` error (every key listed) → counts with one example each."""
+    parts = []
+    for label, heading in (("missing", "Missing key(s)"), ("unexpected", "Unexpected key(s)")):
+        found = re.search(re.escape(heading) + r' in state_dict: ((?:"[^"]*"(?:, )?)+)', text)
+        if found:
+            keys = re.findall(r'"([^"]*)"', found.group(1))
+            parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]})")
+    shapes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[[^\]]*\])", text
+    )
+    if shapes:
+        parts.append(f"{len(shapes)} wrong shapes (e.g. {shapes[0][0]}: {shapes[0][1]} in the file)")
+    return "strict load_state_dict failed: " + ", ".join(parts) if parts else text
+
+
+def _repair_hint(expert: str, path: Path) -> str:
+    """What to do about an unreadable file: refetch it when it is a cached download, else replace it."""
+    resolved = path.resolve()
+    root = cache_root().resolve()
+    if not resolved.is_relative_to(root):
+        return "replace it, or point the expert's `weights` option at a good file"
+    # The hub cache keeps blobs under the repo folder and reuses them; only removing that folder refetches.
+    repo = next((p for p in resolved.parents if p.name.startswith("models--")), None)
+    doomed = repo or resolved
+    return (
+        f"delete {doomed} and run `make weights EXPERTS={expert}`, "
+        "or point the expert's `weights` option at a good file"
+    )
 
 
 def file_sha256(path: str | Path) -> str:
@@ -65,11 +154,26 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser()
 
 
+def offline_switches() -> list[str]:
+    """Which of ``HF_HUB_OFFLINE`` and ``LABEL_PIPELINE_OFFLINE`` are set; read at call time."""
+    return [k for k in _OFFLINE_SWITCHES if os.environ.get(k, "").strip().lower() in _TRUE]
+
+
 def is_offline() -> bool:
     """True when either offline switch is set; read at call time so tests and CLIs can flip it."""
-    return any(
-        os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "LABEL_PIPELINE_OFFLINE")
+    return bool(offline_switches())
+
+
+def _offline_failure(expert: str, source: str, copy_to: str) -> WeightsUnavailable:
+    """Missing from the cache while offline: ``make weights`` alone would fail the same way, so the hint
+    says to go online for it, or where to put the file by hand."""
+    switches = offline_switches()
+    reason = f"offline mode ({', '.join(f'{k}=1' for k in switches)}) and not in the cache"
+    hint = (
+        f"unset {' and '.join(switches)} and run `make weights EXPERTS={expert}`, "
+        f"or copy {copy_to}, or {_MANUAL_HINT}"
     )
+    return WeightsUnavailable(expert, source, reason, hint=hint)
 
 
 def resolve_weights(
@@ -165,8 +269,21 @@ def _resolve_hf(source: str, expert: str, root: Path) -> Path:
             return Path(folder)
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
     except (OSError, EntryNotFoundError, HFValidationError) as exc:
-        reason = "offline mode and not in the cache" if offline else f"download failed ({exc})"
-        raise WeightsUnavailable(expert, source, reason) from exc
+        if offline:
+            target = _hub_cache_target(root, repo_id, filename, revision)
+            raise _offline_failure(expert, source, target) from exc
+        raise WeightsUnavailable(expert, source, f"download failed ({exc})") from exc
+
+
+def _hub_cache_target(root: Path, repo_id: str, filename: str | None, revision: str | None) -> str:
+    """Where a file (or, with no ``filename``, a model directory) must go for an offline hub lookup."""
+    repo_dir = root / "hf" / f"models--{repo_id.replace('/', '--')}"
+    what = "the file" if filename else "the model directory's files"
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision.lower()):
+        return f"{what} to {repo_dir / 'snapshots' / revision / (filename or '')}"
+    # Any snapshot name works once the ref names it: the hub cache does not check it is a commit hash.
+    ref = repo_dir / "refs" / (revision or "main")
+    return f"{what} to {repo_dir / 'snapshots' / 'local' / (filename or '')} and write 'local' into {ref}"
 
 
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt", "*.model", "vocab.*"]
@@ -185,7 +302,7 @@ def _resolve_url(url: str, expert: str, root: Path, sha256: str | None) -> Path:
             _verify(target, sha256, expert, url)
         return target
     if is_offline():
-        raise WeightsUnavailable(expert, url, f"offline mode and not in the cache ({target})")
+        raise _offline_failure(expert, url, f"the file to {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s -> %s", url, target)
     # Temp file in the same directory so os.replace is an atomic rename: the cache never holds a partial file.

@@ -1,7 +1,8 @@
 """``label-pipeline`` (also ``python -m label_pipeline``).
 
-Exit codes: 0 = all done, 1 = finished with recorded failures, 2 = usage or configuration error,
-130 = interrupted (Ctrl-C; the output is resumable).
+Exit codes: 0 = the output is complete with no failed sample or shard; 1 = failures are recorded in
+the output (on every rerun, until they are gone); 2 = usage or configuration error, nothing labelled;
+130 = interrupted by Ctrl-C, 143 = stopped by SIGTERM (both leave a resumable output).
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from expert_zoo.registry import ExpertUnavailable, available
 from label_pipeline.config import ConfigError, load_manifest
+from label_pipeline.logs import setup_console
 from label_pipeline.output import OutputLocked
 from label_pipeline.run import RunOptions, RunSummary
+from label_pipeline.signals import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+
+if TYPE_CHECKING:
+    from label_pipeline.verify import VerifyReport
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 logger = logging.getLogger("label_pipeline")
@@ -27,6 +34,11 @@ def _csv(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="label-pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks on the terminal (they always go to the run's log in OUT/logs/)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="label a dataset (manifest path or name in manifests/)")
@@ -46,15 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--force-unlock", action="store_true", help="take over a lock left by a run that is gone"
     )
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     status = sub.add_parser("status", help="summarise an output root")
     status.add_argument("output")
 
     verify = sub.add_parser("verify", help="re-read every shard: checksums, keys, decodable members")
     verify.add_argument("output")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="relabel the damaged shards from their input, as recorded in _run.json, then verify again",
+    )
+    verify.add_argument("--device", default="auto", help="torch device for --repair (auto/cpu/cuda)")
 
     inspect = sub.add_parser("inspect", help="render a contact sheet of a shard's samples")
-    inspect.add_argument("shard")
+    inspect.add_argument("path", metavar="SHARD_OR_OUTPUT", help="a shard tar, or an output root")
+    inspect.add_argument("--shard", help="with an output root: the shard id (default: the first done shard)")
     inspect.add_argument("--key", help="one sample key (default: the first samples)")
     inspect.add_argument("--limit", type=int, default=4, help="samples to show without --key")
     inspect.add_argument("--out", required=True, help="PNG file to write")
@@ -63,23 +83,42 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--experts", type=_csv, required=True)
 
     sub.add_parser("experts", help="list registered experts")
+
+    prismer = sub.add_parser(
+        "import-prismer-tables", help="convert Prismer's CLIP-PCA tables (dataset/*.pt, clip_pca.pkl)"
+    )
+    prismer.add_argument("checkout", help="a clone of NVlabs/prismer")
+    prismer.add_argument("out_dir", help="tables directory to write, e.g. OUT/embeddings of a label root")
+
+    fit = sub.add_parser("fit-pca", help="fit a PCA-64 on the CLIP text embeddings of a word list")
+    fit.add_argument("vocabulary", help="text file, one word or phrase per line")
+    fit.add_argument("out", help=".npz to write: the `pca` option of ocr_features")
+    fit.add_argument("--encoder", help="CLIP text encoder (default hf-hub:openai/clip-vit-large-patch14)")
+    fit.add_argument("--sha256", help="expected sha256 of the encoder's weight file")
+    fit.add_argument("--device", default="auto")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_console(verbose=args.verbose, debug=args.debug)
     try:
-        return COMMANDS[args.command](args)
+        with sigterm_as_interrupt():
+            return COMMANDS[args.command](args)
     except (ConfigError, ExpertUnavailable, OutputLocked, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
+    except Terminated:
+        logger.error("stopped by SIGTERM: committed shards are kept; run the same command again to resume")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         logger.error("interrupted: committed shards are kept; run the same command again to resume")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
+        name = type(exc).__name__
+        logger.error("unexpected error: %s: %s (rerun with --debug for the traceback)", name, exc)
+        logger.debug("traceback", exc_info=exc)
+        return EXIT_FAILURES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -115,8 +154,17 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(
             f"{record['shard']:<12}{record['samples']:>8}{record['ok']:>6}{record['failed']:>8}  {experts}"
         )
+    missing = set(summary.missing_inputs)
     for shard_id, error in summary.failed_shards.items():
-        lines.append(f"{shard_id:<12} FAILED: {error}")
+        if error != "input shard missing":
+            lines.append(f"{shard_id:<12} FAILED: {error}")
+    if missing:
+        lines.append(f"{len(missing)} input shards missing, recorded as failed (first: {min(missing)})")
+    if summary.skipped_with_failures:
+        lines.append(
+            f"{summary.skipped_with_failures} shards done earlier hold failed samples "
+            "(`label-pipeline status` lists them)"
+        )
     return "\n".join(lines)
 
 
@@ -125,45 +173,110 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = output_status(args.output)
     print(format_status(status))
-    return EXIT_FAILURES if status.failed else EXIT_OK
+    return EXIT_FAILURES if status.has_problems else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from label_pipeline.verify import verify_output
+    from label_pipeline.verify import repair_output, verify_output
 
     report = verify_output(args.output)
+    print_verify_report(report)
+    if not args.repair or report.ok:
+        return EXIT_OK if report.ok else EXIT_FAILURES
+    if report.general:
+        logger.error("cannot repair: %s", "; ".join(report.general))
+        return EXIT_FAILURES
+    repair = repair_output(args.output, report, device=args.device)
+    for shard_id in repair.relabelled:
+        print(f"REPAIRED {shard_id}: relabelled from its input")
+    for shard_id, error in sorted(repair.failed.items()):
+        print(f"NOT REPAIRED {shard_id}: {error}")
+    print_verify_report(repair.after)
+    return EXIT_OK if repair.after.ok else EXIT_FAILURES
+
+
+def print_verify_report(report: VerifyReport) -> None:
     for problem in report.problems:
         print(f"PROBLEM {problem}")
-    verdict = "ok" if report.ok else "PROBLEMS FOUND"
+    for note in report.notes:
+        print(f"NOTE {note}")
+    verdict = "ok" if report.ok else "PROBLEMS FOUND" + (f" in {len(report.damaged)} shard(s)" if report.damaged else "")
     print(f"verified {report.shards} shards, {report.samples} samples: {verdict}")
-    return EXIT_OK if report.ok else EXIT_FAILURES
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from label_pipeline.inspect import inspect_shard
+    from label_pipeline.inspect import inspect_path
 
     try:
-        sheet = inspect_shard(args.shard, key=args.key, limit=args.limit)
+        result = inspect_path(args.path, key=args.key, limit=args.limit, shard=args.shard)
     except KeyError as exc:
         logger.error("%s", exc.args[0])
         return EXIT_USAGE
-    sheet.save(args.out)
-    print(f"wrote {args.out} ({sheet.width}x{sheet.height})")
+    if result.sheet is not None:
+        result.sheet.save(args.out)
+        print(f"wrote {args.out} ({result.sheet.width}x{result.sheet.height}) from {result.shard}")
+    if result.error:
+        logger.error("%s", result.error)
+        return EXIT_FAILURES
     return EXIT_OK
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
+    """Fetch and load every named expert's weights; each failure is one line, the others still run."""
     from expert_zoo.registry import build_expert
 
+    failed = []
     for name in args.experts:
-        build_expert(name, device="cpu")  # constructing an expert resolves (downloads) its weights
+        try:
+            # Constructing an expert resolves (downloads) and loads its weights: a broken file shows here.
+            build_expert(name, device="cpu")
+        except ExpertUnavailable as exc:
+            logger.error("%s", exc)
+            failed.append(name)
+            continue
         print(f"{name}: weights ready")
+    if failed:
+        total = len(args.experts)
+        logger.error("weights not ready for %d of %d experts: %s", len(failed), total, ", ".join(failed))
+        return EXIT_USAGE
     return EXIT_OK
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
     for name in available():
         print(name)
+    return EXIT_OK
+
+
+def cmd_import_prismer_tables(args: argparse.Namespace) -> int:
+    from label_pipeline.clip_tables import PRISMER_LICENCE, import_prismer_tables
+
+    try:
+        tables = import_prismer_tables(args.checkout, args.out_dir)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    for name, array in sorted(tables.arrays.items()):
+        print(f"{name}: {array.dtype} {tuple(array.shape)}")
+    print(f"wrote {args.out_dir} (tables, index.json, pca.npz); licence of these values: {PRISMER_LICENCE}")
+    return EXIT_OK
+
+
+def cmd_fit_pca(args: argparse.Namespace) -> int:
+    from label_pipeline.clip_tables import fit_vocabulary_pca, read_vocabulary
+
+    words = read_vocabulary(args.vocabulary)
+    try:
+        summary = fit_vocabulary_pca(
+            words, args.out, weights=args.encoder, sha256=args.sha256, device=args.device
+        )
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    print(
+        f"wrote {args.out}: PCA-{summary['components']} of {summary['texts']} texts "
+        f"({summary['input_dim']}-d), explaining {summary['explained_variance']:.1%} of the variance"
+    )
     return EXIT_OK
 
 
@@ -174,6 +287,8 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "weights": cmd_weights,
     "experts": cmd_experts,
+    "import-prismer-tables": cmd_import_prismer_tables,
+    "fit-pca": cmd_fit_pca,
 }
 
 

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import yaml
 
-from expert_zoo.base import ExpertRequest
+# ConfigError lives with the expert options (experts raise it too); it is re-exported from here.
+from expert_zoo.base import ConfigError, ExpertRequest, check_type, did_you_mean
 from label_pipeline.decode import DEFAULT_MAX_PIXELS
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SOURCE_FORMATS = ("webdataset", "coco", "vg", "folder", "demo")
-
-
-class ConfigError(ValueError):
-    """A manifest or command-line setting is wrong; the message names the bad key."""
 
 
 def expand_vars(value: str, env: Mapping[str, str], where: str) -> str:
@@ -40,12 +40,33 @@ def expand_vars(value: str, env: Mapping[str, str], where: str) -> str:
 def _check_keys(data: Mapping[str, Any], allowed: set[str], required: set[str], where: str) -> None:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - allowed)
+    unknown = sorted(set(data) - allowed, key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {unknown}{did_you_mean(unknown[0], sorted(allowed))} "
+            f"(allowed: {', '.join(sorted(allowed))})"
+        )
     missing = sorted(required - set(data))
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {missing}")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_fields(obj: Any, where: str = "") -> None:
+    """Check every field of a config dataclass against its annotation (bools are bools, paths are
+    strings, numbers are numbers); the error names the key path, e.g. ``source.skip_missing``."""
+    types = _field_types(type(obj))
+    for item in fields(obj):
+        check_type(getattr(obj, item.name), types[item.name], f"{where}.{item.name}" if where else item.name)
+
+
+def _check_positive(value: int, where: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{where}: must be >= 1, got {value}")
 
 
 @dataclass
@@ -61,8 +82,14 @@ class SourceConfig:
     transform: dict[str, Any] = field(default_factory=dict)  # how the inputs were made (recorded only)
 
     def __post_init__(self) -> None:
+        if isinstance(self.annotations, str):  # one file may be given without a list
+            self.annotations = [self.annotations]
+        check_fields(self, "source")
         if self.format not in SOURCE_FORMATS:
-            raise ConfigError(f"source.format: {self.format!r} is not one of {list(SOURCE_FORMATS)}")
+            raise ConfigError(
+                f"source.format: {self.format!r} is not one of {list(SOURCE_FORMATS)}"
+                f"{did_you_mean(self.format, SOURCE_FORMATS)}"
+            )
         needs = {
             "webdataset": ["path"],
             "folder": ["path"],
@@ -73,20 +100,23 @@ class SourceConfig:
         for name in needs:
             if not getattr(self, name):
                 raise ConfigError(f"source.{name}: required for format {self.format!r}")
-        if isinstance(self.annotations, str):
-            self.annotations = [self.annotations]
-        if not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ConfigError(f"source.shard_size: must be a positive integer, got {self.shard_size!r}")
+        _check_positive(self.shard_size, "source.shard_size")
 
 
 @dataclass
 class DecodeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = 1
+    # Decoded pixels (H×W×3 bytes per image) held at once per shard, read ahead or being labelled.
+    # Only memory and speed depend on it, never the bytes written.
+    max_bytes_in_flight: int = 1 << 30
 
     def __post_init__(self) -> None:
+        check_fields(self, "decode")  # types of every field, before the range checks below
         if self.max_pixels < 1 or self.min_side < 1:
             raise ConfigError("decode.max_pixels and decode.min_side must be >= 1")
+        if self.max_bytes_in_flight < 1:
+            raise ConfigError("decode.max_bytes_in_flight must be >= 1")
 
 
 @dataclass
@@ -100,16 +130,19 @@ class Manifest:
     runner: dict[str, Any] = field(default_factory=dict)  # runner-specific settings (e.g. ray replicas)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(f"name: {self.name!r} must be a plain identifier")
+        if not self.output.strip():
+            raise ConfigError("output: must not be empty")
         if not self.experts:
             raise ConfigError("experts: at least one expert is required")
         tasks = [e.task for e in self.experts]
         duplicated = sorted({t for t in tasks if tasks.count(t) > 1})
         if duplicated:
             raise ConfigError(f"experts: task(s) {duplicated} listed more than once")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError("batch_size: must be >= 1")
+        if self.batch_size is not None:
+            _check_positive(self.batch_size, "batch_size")
 
     def with_experts(self, names: list[str]) -> Manifest:
         """The same manifest with a different expert list (``--experts``)."""
@@ -122,12 +155,10 @@ class Manifest:
 
 
 def parse_experts(items: Any, where: str) -> list[ExpertRequest]:
+    """Expert entries, each remembering its key path (``experts[2]``) for later errors."""
     if not isinstance(items, list):
-        raise ConfigError(f"{where}: expected a list of expert names")
-    try:
-        return [ExpertRequest.parse(item) for item in items]
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{where}: expected a list of expert names, got {items!r}")
+    return [ExpertRequest.parse(item, f"{where}[{i}]") for i, item in enumerate(items)]
 
 
 def _expand_tree(value: Any, env: Mapping[str, str], where: str) -> Any:
@@ -151,11 +182,14 @@ def manifest_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = 
     _check_keys(source_data, {f.name for f in fields(SourceConfig)}, {"format"}, "source")
     decode_data = data.get("decode") or {}
     _check_keys(decode_data, {f.name for f in fields(DecodeConfig)}, set(), "decode")
+    check_type(data.get("runner"), dict[str, Any] | None, "runner")
+    check_type(data.get("description"), str | None, "description")
     try:
+        # No str() around values: a list given as ``output`` is an error, not a folder named "[1, 2]".
         return Manifest(
-            name=str(data["name"]),
+            name=data["name"],
             source=SourceConfig(**source_data),
-            output=expand_vars(str(data["output"]), env, "output"),
+            output=_expand_tree(data["output"], env, "output"),
             experts=parse_experts(data["experts"], "experts"),
             decode=DecodeConfig(**decode_data),
             batch_size=data.get("batch_size"),
@@ -163,6 +197,23 @@ def manifest_from_dict(data: Mapping[str, Any], env: Mapping[str, str] | None = 
         )
     except TypeError as exc:
         raise ConfigError(f"manifest: {exc}") from exc
+
+
+def check_output_root(url: str) -> None:
+    """Refuse an output root that is an existing file, or lies under one, before anything is written.
+
+    Only local paths are walked up: on an object store a "parent" is just a key prefix.
+    """
+    fs, path = fsspec.core.url_to_fs(url.rstrip("/") or url)
+    if fs.isfile(path):
+        raise ConfigError(f"output {url}: is a file, not a directory; choose another output path")
+    if "file" not in fs.protocol:
+        return
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"output {url}: {parent} is a file, so no directory can be made under it")
+            return
 
 
 def find_manifest(name_or_path: str) -> Path:

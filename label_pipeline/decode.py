@@ -48,7 +48,11 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS, min_s
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError("too_large", str(exc)) from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's "cannot identify image file" family
+    except Image.UnidentifiedImageError as exc:
+        # Pillow's own text embeds the stream's repr (a memory address): not reproducible.
+        message = "UnidentifiedImageError: not an image format Pillow can read"
+        raise DecodeError("undecodable", message) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise DecodeError("undecodable", f"{type(exc).__name__}: {exc}") from exc
     with image:
         width, height = image.size

@@ -13,6 +13,8 @@ from PIL import Image
 
 PNG_COMPRESS_LEVEL = 3  # fixed, so the same map always encodes to the same bytes
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+# Array members whose row i belongs to entry i of another task's json list (docs/FORMAT.md).
+ARRAY_ROWS_FOLLOW = {"ocr_features": "ocr_detection"}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 
@@ -40,6 +42,20 @@ def decode_png(data: bytes) -> np.ndarray:
 def encode_json(data: Any) -> bytes:
     """Canonical JSON (sorted keys, compact), so equal data is equal bytes."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """An array member in ``numpy.save`` format, without pickle (reproducible: the header is fixed)."""
+    if array is None or array.dtype.hasobject:
+        raise ValueError("an .npy label member must be a numeric array")
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """``.npy`` member bytes → array; pickled object arrays are refused."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def encode_label_members(label_map: np.ndarray, data: Any, mode: str) -> dict[str, bytes]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from expert_zoo.base import ExpertSpec, Label
+from label_pipeline.budget import PixelBudget
 from label_pipeline.config import DecodeConfig
 from label_pipeline.decode import DecodedImage, DecodeError, decode_image
 from label_pipeline.format import IMAGE_EXTENSIONS, decode_png, encode_json
@@ -22,6 +24,7 @@ from label_pipeline.sources.base import Sample
 from label_pipeline.tario import Member
 
 logger = logging.getLogger(__name__)
+_ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
 
 
 class ExpertHandle(Protocol):
@@ -45,6 +48,11 @@ class WorkItem:
     meta: dict[str, Any]
     image: DecodedImage | None = None
     labels: dict[str, Label] = field(default_factory=dict)
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes of the decoded image this item holds (0 once labelled, or when it failed to decode)."""
+        return self.image.array.nbytes if self.image is not None else 0
 
     def to_members(self) -> list[Member]:
         self.members["json"] = encode_json(self.meta)
@@ -77,6 +85,15 @@ def decode_caption(caption: bytes | str | None) -> tuple[str | None, bool]:
         return caption.decode("utf-8", errors="replace"), True
 
 
+def stable_error_text(text: str) -> str:
+    """An error message without memory addresses (``<… object at 0x7f…>`` → ``<… object>``).
+
+    Per-sample errors go into the tar's json and the records, which must be the same bytes on every
+    run; an object's repr in an exception message is the usual run-dependent part.
+    """
+    return _ADDRESS.sub("", text)
+
+
 def item_from_sample(sample: Sample, decode: DecodeConfig) -> WorkItem:
     """A fresh input sample: keep the original bytes, decode the image once."""
     meta: dict[str, Any] = {"key": sample.key, "source": sample.source, "experts": {}}
@@ -90,7 +107,7 @@ def item_from_sample(sample: Sample, decode: DecodeConfig) -> WorkItem:
         meta["caption_status"] = "replaced"
     item = WorkItem(sample.key, members, meta)
     if sample.error:
-        _fail_sample(item, sample.error, "the input sample has no usable image")
+        _fail_sample(item, sample.error, sample.error_message or "the input sample has no usable image")
     else:
         _decode_into(item, sample.image, decode)
     return item
@@ -124,7 +141,7 @@ def _decode_into(item: WorkItem, data: bytes | None, decode: DecodeConfig) -> No
 
 def _fail_sample(item: WorkItem, status: str, error: str) -> None:
     item.meta["status"] = status
-    item.meta["error"] = error
+    item.meta["error"] = stable_error_text(error)
     item.meta["experts"] = {}
 
 
@@ -215,7 +232,7 @@ class Labeler:
         item.meta["experts"][task] = {
             "status": "error",
             "fingerprint": self.fingerprints[task],
-            "error": f"{type(exc).__name__}: {exc}",
+            "error": stable_error_text(f"{type(exc).__name__}: {exc}"),
         }
 
     @staticmethod
@@ -249,12 +266,42 @@ def order_by_dependencies(experts: Mapping[str, ExpertHandle]) -> dict[str, Expe
     return ordered
 
 
-def chunked(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunked(items: Iterable[Any], size: int, budget: PixelBudget | None = None) -> Iterator[list[Any]]:
+    """Lists of up to ``size`` items, in order.
+
+    With a ``budget`` (items are ``WorkItem``s), each item's decoded bytes are taken from it as the
+    item is read, and a chunk also ends where the next item would take it past
+    ``budget.chunk_limit`` (an item larger than that is a chunk of its own). Before waiting for room
+    to read the next item, the chunk being filled is handed over: labelling it is what gives bytes
+    back. Where chunks end never changes what is written, only how much is held at once.
+    """
+    stream = iter(items)
     chunk: list[Any] = []
-    for item in items:
+    chunk_bytes = 0
+    while True:
+        if budget is not None and not budget.has_room():
+            if chunk:
+                yield chunk
+                chunk, chunk_bytes = [], 0
+            if not budget.wait_for_room():
+                return  # the consumer has stopped: decode nothing more
+        item = next(stream, _END)
+        if item is _END:
+            break
+        nbytes = 0
+        if budget is not None:
+            nbytes = item.pixel_bytes
+            budget.take(nbytes)
+            if chunk and chunk_bytes + nbytes > budget.chunk_limit:
+                yield chunk
+                chunk, chunk_bytes = [], 0
         chunk.append(item)
-        if len(chunk) == size:
+        chunk_bytes += nbytes
+        if len(chunk) >= size or (budget is not None and chunk_bytes >= budget.chunk_limit):
             yield chunk
-            chunk = []
+            chunk, chunk_bytes = [], 0
     if chunk:
         yield chunk
+
+
+_END = object()

@@ -1,13 +1,16 @@
 """The output root: atomic shard commits, per-shard records, the run manifest and the run lock.
 
 A shard is committed in this order (docs/FORMAT.md): tar to a temp name → fsync → rename; parquet
-records; done-record last. Only a done-record whose size matches the tar marks a shard as done, so a
-run killed at any point leaves nothing that looks finished but isn't.
+records; done-record last. A done-record names the size, sha256 and mtime/etag of the tar and of the
+records it vouches for; a shard counts as done only while both still match (``committed_shards``), so
+a run killed at any point, or a file changed afterwards, leaves nothing that looks finished but isn't.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -23,10 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from label_pipeline.format import encode_json
+from label_pipeline.inputs import FileStat, is_local, list_folder, remote_stat
 from label_pipeline.tario import HashingWriter, Member, write_tar
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: done-records carry tar/records stats and the input's identity
 RECORD_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -45,13 +49,14 @@ class OutputLocked(RuntimeError):
 
 @dataclass
 class ShardWrite:
+    """What a committed file is: its sha256 and size, plus the stat that detects a later change."""
+
     sha256: str
     size: int
+    stat: dict[str, Any] | None = None  # {"mtime_ns": …} locally, {"etag": …} on object stores
 
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    def as_record(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "bytes": self.size, **(self.stat or {})}
 
 
 class OutputStore:
@@ -60,7 +65,8 @@ class OutputStore:
     def __init__(self, root: str) -> None:
         self.url = root.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = _is_local(self.fs)
+        self.local = is_local(self.fs)
+        self._lock_handle: Any = None  # the open, flock-ed lock file while this process holds it
 
     # -- paths ---------------------------------------------------------------------------------
     def shard_path(self, shard_id: str) -> str:
@@ -105,7 +111,7 @@ class OutputStore:
         except BaseException:
             self._remove_quietly(tmp)
             raise
-        return ShardWrite(sha256=hashing.sha256.hexdigest(), size=hashing.size)
+        return ShardWrite(hashing.sha256.hexdigest(), hashing.size, self.file_stat(final))
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -134,6 +140,13 @@ class OutputStore:
         else:
             self.fs.mv(src, dst)  # object stores: the final object appears whole or not at all
 
+    def file_stat(self, path: str) -> dict[str, Any]:
+        """The change detector of a file just written: mtime_ns locally, etag on object stores."""
+        if self.local:
+            return {"mtime_ns": os.stat(path).st_mtime_ns}
+        etag = remote_stat(self.fs.info(path)).etag
+        return {"etag": etag} if etag is not None else {}
+
     def _remove_quietly(self, path: str) -> None:
         try:
             self.fs.rm(path)
@@ -141,11 +154,14 @@ class OutputStore:
             pass
 
     # -- records ---------------------------------------------------------------------------------
-    def write_records(self, shard_id: str, rows: list[dict[str, Any]]) -> None:
+    def write_records(self, shard_id: str, rows: list[dict[str, Any]]) -> ShardWrite:
         table = pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        self.write_bytes_atomic(self.records_path(shard_id), buffer.getvalue())
+        data = buffer.getvalue()
+        path = self.records_path(shard_id)
+        self.write_bytes_atomic(path, data)
+        return ShardWrite(hashlib.sha256(data).hexdigest(), len(data), self.file_stat(path))
 
     def read_records(self, shard_id: str) -> pa.Table:
         with self.fs.open(self.records_path(shard_id), "rb") as handle:
@@ -162,23 +178,102 @@ class OutputStore:
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         try:
+            if self.local:  # plain I/O: fsspec's per-call overhead dominates for small files
+                with open(path, "rb") as handle:
+                    return json.loads(handle.read())
             return json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             logger.warning("%s is not valid JSON; treating it as absent", path)
             return None
 
     def done_record(self, shard_id: str) -> dict[str, Any] | None:
-        """The shard's done-record if the tar on disk agrees with it (exists, same size), else None."""
+        """The shard's done-record if the tar and records on disk still match it, else None."""
         record = self.read_json(self.done_path(shard_id))
-        if record is None:
-            return None
+        tar, records = self._stat(self.shard_path(shard_id)), self._stat(self.records_path(shard_id))
+        return record if _commit_mismatch(shard_id, record, tar, records) is None else None
+
+    def _stat(self, path: str) -> FileStat | None:
         try:
-            size = self.fs.size(self.shard_path(shard_id))
+            if self.local:
+                result = os.stat(path)
+                return FileStat(result.st_size, mtime_ns=result.st_mtime_ns)
+            return remote_stat(self.fs.info(path))
         except FileNotFoundError:
             return None
-        return record if size == record.get("bytes") else None
+
+    def listing(self) -> tuple[dict[str, FileStat | None], dict[str, FileStat | None]]:
+        """One listing each of ``shards/`` and ``records/``: basename → size and mtime/etag
+        (None for files whose presence is all that matters: done-records, failure records)."""
+        return (
+            list_folder(self.fs, f"{self.root}/shards", lambda name: name.endswith(".tar")),
+            list_folder(self.fs, f"{self.root}/records", _stat_in_records),
+        )
+
+    def committed(
+        self, shard_ids: Iterable[str], save_index: bool = False
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """(done-records that the files on disk still match, {shard: why not} for the others).
+
+        Costs one listing of ``shards/`` and ``records/``, one read of the done-record index, and a
+        read of each done-record the index does not hold as it is on disk; no tar or Parquet file is
+        opened. A shard without a done-record is in neither result. ``save_index`` (lock holders
+        only) rewrites the index when it was out of date.
+        """
+        tars, records = self.listing()
+        index = self._read_index()
+        fresh: dict[str, Any] = {}
+        done: dict[str, dict[str, Any]] = {}
+        damaged: dict[str, str] = {}
+        for shard_id in shard_ids:
+            stat = records.get(f"{shard_id}.done.json", _ABSENT)
+            if stat is _ABSENT:
+                continue
+            record = self._indexed_record(index, shard_id, stat, fresh)
+            problem = _commit_mismatch(
+                shard_id, record, tars.get(f"{shard_id}.tar"), records.get(f"{shard_id}.parquet")
+            )
+            if problem is None:
+                done[shard_id] = record  # type: ignore[assignment]
+            else:
+                damaged[shard_id] = problem
+        if save_index and fresh:
+            self._write_index(index, fresh, records)
+        return done, damaged
+
+    # The index is a cache of done-records, each entry valid only while its done-record file has
+    # the size and mtime/etag stored with it: a rerun over 100k done shards reads one file, not 100k.
+    @property
+    def index_path(self) -> str:
+        return f"{self.root}/records/_done_index.json"
+
+    def _read_index(self) -> dict[str, Any]:
+        index = self.read_json(self.index_path)
+        entries = index.get("entries") if isinstance(index, dict) and index.get("version") == 1 else None
+        return entries if isinstance(entries, dict) else {}
+
+    def _indexed_record(
+        self, index: dict[str, Any], shard_id: str, stat: FileStat | None, fresh: dict[str, Any]
+    ) -> Any:
+        entry = index.get(shard_id)
+        key = stat.as_record() if stat is not None else None
+        if isinstance(entry, dict) and key is not None and entry.get("stat") == key:
+            return entry.get("record")
+        record = self.read_json(self.done_path(shard_id))
+        if key is not None and isinstance(record, dict):
+            fresh[shard_id] = {"stat": key, "record": record}
+        return record
+
+    def _write_index(
+        self, index: dict[str, Any], fresh: dict[str, Any], records: dict[str, FileStat | None]
+    ) -> None:
+        entries = {sid: e for sid, e in index.items() if f"{sid}.done.json" in records}
+        entries.update(fresh)
+        try:
+            self.write_bytes_atomic(self.index_path, encode_json({"version": 1, "entries": entries}))
+        except OSError as exc:  # only a cache: a full disk here must not fail the run
+            logger.warning("could not update the done-record index %s: %s", self.index_path, exc)
 
     def done_shards(self) -> dict[str, dict[str, Any]]:
         """Every done-record present (not checked against the tars; see ``done_record``)."""
@@ -205,32 +300,144 @@ class OutputStore:
         self.write_bytes_atomic(self.run_path, encode_json({**run, "format_version": FORMAT_VERSION}))
 
     def acquire_lock(self, force: bool = False) -> None:
-        """Take the output root for this process; a lock left by a dead process on this host is stale."""
+        """Take the output root for this process, or raise ``OutputLocked`` naming the holder.
+
+        Locally the lock is an ``flock`` on ``_lock``: the kernel drops it when its holder dies, so a
+        lock file left by a killed run (empty, garbage or naming a dead pid) never wedges the output.
+        Object stores have no lock primitive: there the holder's json names host and pid, a holder on
+        another host is assumed alive, and ``force`` takes it over.
+        """
         self.fs.makedirs(self.root, exist_ok=True)
-        mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
-        holder = self.read_json(self.lock_path)
+        mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "token": uuid.uuid4().hex}
+        if self.local:
+            self._acquire_flock(mine, force)
+        else:
+            self._acquire_object_lock(mine, force)
+
+    def _acquire_flock(self, mine: dict[str, Any], force: bool) -> None:
+        if force and os.path.exists(self.lock_path):
+            logger.warning("--force-unlock: removing the lock of %s (%s)", self.url, self._holder_text())
+            self._remove_quietly(self.lock_path)
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputLocked(
+                    f"{self.url} is being written by another run ({self._holder_text()}); wait for it, "
+                    "or pass --force-unlock if you are sure that run is gone"
+                ) from None
+            if _same_file(fd, self.lock_path):
+                break
+            os.close(fd)  # the holder released (unlinked) it between our open and flock: retry
+        previous = os.pread(fd, 4096, 0)
+        if previous:
+            logger.warning(
+                "taking over the lock of %s left by a run that is gone: %s", self.url, _text(previous)
+            )
+        self._lock_handle = fd
+        try:  # the holder's json is for people and for status; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, encode_json(mine), 0)
+        except OSError as exc:
+            logger.warning(
+                "could not write the holder of %s (%s); the lock is held all the same", self.url, exc
+            )
+
+    def _acquire_object_lock(self, mine: dict[str, Any], force: bool) -> None:
+        holder = self.read_json(self.lock_path)  # garbage or empty reads as None: stale
         if holder is not None and not force and _holder_alive(holder):
             raise OutputLocked(
                 f"{self.url} is being written by pid {holder.get('pid')} on {holder.get('host')} since "
                 f"{holder.get('since')}; wait for it, or pass --force-unlock if that run is gone"
             )
-        if holder is not None:
+        if self.fs.exists(self.lock_path):
             logger.warning("taking over the lock of %s left by %s", self.url, holder)
-            self.fs.rm(self.lock_path)
-        if self.local:
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError as exc:  # lost a race with another starting run
-                raise OutputLocked(f"{self.url} was locked by another run just now") from exc
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(encode_json(mine))
-        else:  # object stores have no exclusive create; last writer wins, documented in README
-            self.fs.pipe_file(self.lock_path, encode_json(mine))
+        self.fs.pipe_file(self.lock_path, encode_json(mine))
+        if (self.read_json(self.lock_path) or {}).get("token") != mine["token"]:
+            raise OutputLocked(f"{self.url} was locked by another run just now")
+        self._lock_handle = mine["token"]
+
+    def held_by_live_run(self) -> bool:
+        """True while another live run holds the lock (a lock file left by a dead run does not count)."""
+        if self._lock_handle is not None:
+            return True
+        if not self.local:
+            holder = self.read_json(self.lock_path)
+            return isinstance(holder, dict) and _holder_alive(holder)
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken and dropped at once: a probe
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def _holder_text(self) -> str:
+        try:
+            with open(self.lock_path, "rb") as handle:
+                return _text(handle.read(4096)) or "holder unknown"
+        except OSError:
+            return "holder unknown"
 
     def release_lock(self) -> None:
-        holder = self.read_json(self.lock_path)
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            self.fs.rm(self.lock_path)
+        if self._lock_handle is None:
+            return
+        handle, self._lock_handle = self._lock_handle, None
+        if isinstance(handle, int):
+            if _same_file(handle, self.lock_path):  # not if --force-unlock replaced it meanwhile
+                self._remove_quietly(self.lock_path)
+            os.close(handle)  # closing drops the flock
+        elif (self.read_json(self.lock_path) or {}).get("token") == handle:
+            self._remove_quietly(self.lock_path)
+
+
+_ABSENT = object()
+
+
+def _stat_in_records(name: str) -> bool:
+    """Which files of ``records/`` planning needs the size and mtime of."""
+    return name.endswith((".parquet", ".done.json"))
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace").strip()
+
+
+def _commit_mismatch(
+    shard_id: str, record: Any, tar: FileStat | None, records: FileStat | None
+) -> str | None:
+    """Why the files on disk are not what the done-record vouches for (None: they are)."""
+    if not isinstance(record, dict) or record.get("shard") != shard_id or "bytes" not in record:
+        return "done-record unreadable"
+    problem = _stat_mismatch("tar", tar, {"bytes": record["bytes"], **record.get("tar_stat", {})})
+    if problem is None and "records" in record:
+        problem = _stat_mismatch("records", records, record["records"])
+    return problem
+
+
+def _stat_mismatch(what: str, stat: FileStat | None, expected: dict[str, Any]) -> str | None:
+    if stat is None:
+        return f"{what} missing"
+    if stat.size != expected.get("bytes"):
+        return f"{what} has {stat.size} bytes, the done-record says {expected.get('bytes')}"
+    if "mtime_ns" in expected and stat.mtime_ns is not None and stat.mtime_ns != expected["mtime_ns"]:
+        return f"{what} was modified after it was committed"
+    if "etag" in expected and stat.etag is not None and stat.etag != expected["etag"]:
+        return f"{what} was replaced after it was committed"
+    return None
 
 
 def _holder_alive(holder: dict[str, Any]) -> bool:

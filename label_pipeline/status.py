@@ -1,16 +1,23 @@
-"""``label-pipeline status``: what an output root holds, from its records (no tar is read)."""
+"""``label-pipeline status``: what an output root holds, from its records (no tar is read).
+
+Cheap by design: one listing of ``shards/`` and ``records/``, one of each input folder, and the small
+json records. A done-record whose tar (or parquet) is missing or differs in size or mtime/etag counts
+as damaged, not done; a done shard whose input shard changed since it was labelled is listed as stale.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from label_pipeline.config import ConfigError, SourceConfig
 from label_pipeline.download import DownloadSummary, format_download_summary, read_download_summary
+from label_pipeline.inputs import input_identities, list_folder
 from label_pipeline.output import OutputStore
-from label_pipeline.sources import build_source
+from label_pipeline.sources import InputShard, Source, build_source
 from label_pipeline.sources.webdataset import expand_shard_urls
 
 logger = logging.getLogger(__name__)
@@ -27,44 +34,114 @@ class OutputStatus:
     sample_status: Counter = field(default_factory=Counter)
     experts: dict[str, dict[str, Any]] = field(default_factory=dict)
     input_errors: dict[str, str] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)  # done-records the files no longer match
+    stale_inputs: dict[str, str] = field(default_factory=dict)  # done shards whose input changed since
+    pending: int | None = None  # input shards neither done, failed nor damaged (None: source unlisted)
     run_stats: dict[str, Any] | None = None  # the latest OUT/stats/*.json (written by the Ray runner)
     downloads: list[DownloadSummary] = field(default_factory=list)  # img2dataset stats beside the inputs
 
     @property
-    def pending(self) -> int | None:
-        return None if self.shards_total is None else self.shards_total - self.done - len(self.failed)
+    def has_problems(self) -> bool:
+        return bool(self.failed or self.damaged)
 
 
 def output_status(root: str, count_source: bool = True) -> OutputStatus:
+    """What ``root`` holds: one listing of ``shards/`` and ``records/``, the small records, no tar."""
     store = OutputStore(root)
+    if not store.fs.isdir(store.root):
+        raise ConfigError(f"{root}: no such output directory")
     run = store.read_run()
-    if run is None:
-        raise ConfigError(f"{root} is not a label-pipeline output (no _run.json)")
-    done = store.done_shards()
-    failed = {sid: rec.get("error", "") for sid, rec in store.failed_shards().items() if sid not in done}
-    status = OutputStatus(
-        root,
-        run.get("dataset"),
-        _count_shards(run) if count_source else None,
-        len(done),
-        failed,
-        samples=sum(r["samples"] for r in done.values()),
+    if not isinstance(run, dict):
+        raise ConfigError(f"{root} is not a label-pipeline output (no readable _run.json)")
+    names = list_folder(store.fs, f"{store.root}/records")
+    done, damaged = store.committed(
+        sorted(n[: -len(".done.json")] for n in names if n.endswith(".done.json"))
     )
+    failed = {
+        sid: error
+        for sid, error in _failed_records(store, names).items()
+        if sid not in done and sid not in damaged
+    }
+    status = OutputStatus(root, run.get("dataset"), None, len(done), failed, samples=0, damaged=damaged)
     for record in done.values():
-        status.sample_status.update(record.get("status_counts", {}))
-        if record.get("input_error"):
-            status.input_errors[record["shard"]] = record["input_error"]
-        for task, info in record.get("experts", {}).items():
-            entry = status.experts.setdefault(task, {"shards": 0, "ok": 0, "failed": 0, "stale": 0})
-            entry["shards"] += 1
-            entry["ok"] += info.get("ok", 0)
-            entry["failed"] += info.get("failed", 0)
-            current = run.get("experts", {}).get(task, {}).get("fingerprint")
-            entry["stale"] += int(info.get("fingerprint") != current)
-    status.run_stats = latest_run_stats(store)
+        _add_record(status, record, run)
     if count_source:
+        source, shards = _list_source(run)
+        if shards is not None:
+            status.shards_total = len(shards)
+            settled = set(done) | set(failed) | set(damaged)
+            status.pending = sum(shard.shard_id not in settled for shard in shards)
+            status.stale_inputs = stale_inputs(source, [s for s in shards if s.shard_id in done], done)
         status.downloads = download_summaries(run)
+    status.run_stats = latest_run_stats(store)
     return status
+
+
+def _failed_records(store: OutputStore, names: Iterable[str]) -> dict[str, str]:
+    failed = {}
+    for name in names:
+        if name.endswith(".failed.json"):
+            record = store.read_json(f"{store.root}/records/{name}")
+            error = record.get("error") if isinstance(record, dict) else None
+            failed[name[: -len(".failed.json")]] = str(error or "failed-record unreadable")
+    return failed
+
+
+def _add_record(status: OutputStatus, record: dict[str, Any], run: dict[str, Any]) -> None:
+    """Count one done-record into the totals (fields of any type: a hand-edited record must not crash)."""
+    samples = record.get("samples")
+    status.samples += samples if isinstance(samples, int) else 0
+    counts = record.get("status_counts")
+    if isinstance(counts, dict):
+        status.sample_status.update({k: v for k, v in counts.items() if isinstance(v, int)})
+    if record.get("input_error"):
+        status.input_errors[record["shard"]] = str(record["input_error"])
+    experts = record.get("experts")
+    run_experts = run.get("experts") if isinstance(run.get("experts"), dict) else {}
+    for task, info in (experts if isinstance(experts, dict) else {}).items():
+        info = info if isinstance(info, dict) else {}
+        entry = status.experts.setdefault(task, {"shards": 0, "ok": 0, "failed": 0, "stale": 0})
+        entry["shards"] += 1
+        entry["ok"] += _int(info.get("ok"))
+        entry["failed"] += _int(info.get("failed"))
+        current = run_experts.get(task)
+        entry["stale"] += int(
+            not isinstance(current, dict) or info.get("fingerprint") != current.get("fingerprint")
+        )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def stale_inputs(source: Source | None, shards: list[InputShard], done: dict[str, dict]) -> dict[str, str]:
+    """Done shards whose input is not what was labelled: one listing per input folder, no read."""
+    recorded = {shard.shard_id: recorded_input(done[shard.shard_id]) for shard in shards}
+    shards = [shard for shard in shards if recorded[shard.shard_id] is not None]
+    if source is None or not shards:
+        return {}
+    try:
+        now = input_identities(source, shards)
+    except (OSError, ValueError) as exc:  # an unreachable input must not hide the output's status
+        logger.warning("cannot list the input shards to compare them: %s", exc)
+        return {}
+    stale = {}
+    for shard in shards:
+        if now.get(shard.shard_id) is None:
+            stale[shard.shard_id] = "input shard missing"
+        elif now[shard.shard_id] != recorded[shard.shard_id]:
+            stale[shard.shard_id] = (
+                f"input changed (labelled {recorded[shard.shard_id]}, now {now[shard.shard_id]})"
+            )
+    return stale
+
+
+def recorded_input(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The input identity a done-record stores (absent in records of older versions)."""
+    for name in ("input_stat", "input"):
+        if isinstance(record.get(name), dict):
+            return record[name]
+    return None
 
 
 def latest_run_stats(store: OutputStore) -> dict[str, Any] | None:
@@ -116,12 +193,14 @@ def _percentile(hist: list[int], edges: list[float], q: float) -> str:
     return "-"
 
 
-def _count_shards(run: dict[str, Any]) -> int | None:
-    """Total input shards, when the source can still be listed from here."""
+def _list_source(run: dict[str, Any]) -> tuple[Source | None, list[InputShard] | None]:
+    """The input source and its shards, when they can still be listed from here."""
     try:
-        return len(build_source(SourceConfig(**run["source_config"])).shards())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        source = build_source(SourceConfig(**run["source_config"]))
+        return source, source.shards()
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # ConfigError is a ValueError
+        logger.debug("cannot list the input shards: %s", exc)
+        return None, None
 
 
 def download_summaries(run: dict[str, Any]) -> list[DownloadSummary]:
@@ -147,7 +226,9 @@ def format_status(status: OutputStatus) -> str:
     pending = "?" if status.pending is None else status.pending
     lines = [
         f"output   {status.root}  (dataset {status.dataset})",
-        f"shards   {status.done} done / {len(status.failed)} failed / {pending} pending / {total} total",
+        f"shards   {status.done} done / "
+        + (f"{len(status.damaged)} damaged / " if status.damaged else "")
+        + f"{len(status.failed)} failed / {pending} pending / {total} total",
         f"samples  {status.samples}  "
         + ", ".join(f"{k}={v}" for k, v in sorted(status.sample_status.items())),
         "",
@@ -161,6 +242,12 @@ def format_status(status: OutputStatus) -> str:
         lines.append(f"failed shard {shard_id}: {error}")
     for shard_id, error in sorted(status.input_errors.items()):
         lines.append(f"damaged input {shard_id}: {error}")
+    for shard_id, why in sorted(status.damaged.items()):
+        lines.append(
+            f"damaged shard {shard_id}: {why} (not done: the next run or verify --repair relabels it)"
+        )
+    for shard_id, why in sorted(status.stale_inputs.items()):
+        lines.append(f"stale shard {shard_id}: {why} (the next run relabels it)")
     if status.run_stats:
         lines += ["", *format_run_stats(status.run_stats)]
     for summary in status.downloads:

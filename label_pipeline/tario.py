@@ -10,6 +10,7 @@ import hashlib
 import io
 import tarfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 Member = tuple[str, bytes]
@@ -70,10 +71,26 @@ class HashingReader:
             pass
 
 
-def read_tar_samples(
-    source: BinaryIO, errors: list[str] | None = None
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` for consecutive members sharing a key (webdataset rule).
+@dataclass
+class TarSample:
+    """One sample as read from a tar (docs/FORMAT.md, "How input tar members become samples").
+
+    Either the consecutive regular-file members sharing a key (``members``: suffix → bytes), or one
+    member that is not a regular file: then ``members`` is empty and ``unsupported`` says what it is.
+    """
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    unsupported: str | None = None
+
+
+def read_tar_entries(source: BinaryIO, errors: list[str] | None = None) -> Iterator[TarSample]:
+    """Every sample of a tar, in order, each member accounted for exactly once.
+
+    Consecutive regular files with the same key form one sample; a suffix already present in the
+    sample being read (compared without case) starts a new sample with the same key, so no member
+    overwrites another. Any other member (hard or symbolic link, directory, device, FIFO) is a sample
+    of its own with ``unsupported`` set: it is reported, never skipped.
 
     A tar cut short is an error even where Python's tarfile would stop quietly (a cut inside a
     header): the end-of-archive blocks must be there. With ``errors`` given, a damaged tar ends the
@@ -81,20 +98,23 @@ def read_tar_samples(
     is appended to ``errors``; without it a ``tarfile.ReadError`` propagates.
     """
     reader = source if isinstance(source, HashingReader) else HashingReader(source)
-    current: str | None = None
-    members: dict[str, bytes] = {}
+    group: TarSample | None = None
     try:
         with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
             for info in tar:
-                if not info.isfile():
-                    continue
                 key, ext = split_member_name(info.name)
-                if current is not None and key != current:
-                    yield current, members
-                    members = {}
-                current = key
+                if not info.isfile():
+                    if group is not None:
+                        yield group
+                        group = None
+                    yield TarSample(key, unsupported=f"{info.name!r} is {describe_member_type(info)}")
+                    continue
+                if group is None or group.key != key or _has_suffix(group.members, ext):
+                    if group is not None:
+                        yield group
+                    group = TarSample(key)
                 handle = tar.extractfile(info)
-                members[ext] = handle.read() if handle else b""
+                group.members[ext] = handle.read() if handle else b""
             end_of_members = tar.offset
         reader.drain()
         if reader.size < end_of_members + 2 * tarfile.BLOCKSIZE:
@@ -105,8 +125,44 @@ def read_tar_samples(
         if errors is None:
             raise
         errors.append(f"{type(exc).__name__}: {exc}")
-    if current is not None:
-        yield current, members
+    if group is not None:
+        yield group
+
+
+def read_tar_samples(
+    source: BinaryIO, errors: list[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {suffix: bytes})`` per sample of regular files (see ``read_tar_entries``).
+
+    For reading tars this package wrote (only regular files, distinct keys). Members that are not
+    regular files are left out here; input shards are read with ``read_tar_entries``, which
+    reports them.
+    """
+    for sample in read_tar_entries(source, errors):
+        if sample.unsupported is None:
+            yield sample.key, sample.members
+
+
+def describe_member_type(info: tarfile.TarInfo) -> str:
+    """What a non-regular tar member is, in words, e.g. ``a hard link to 'a.jpg'``."""
+    if info.islnk():
+        return f"a hard link to {info.linkname!r}"
+    if info.issym():
+        return f"a symbolic link to {info.linkname!r}"
+    if info.isdir():
+        return "a directory entry"
+    if info.ischr():
+        return "a character device"
+    if info.isblk():
+        return "a block device"
+    if info.isfifo():
+        return "a FIFO"
+    return f"a member of tar type {info.type!r}"
+
+
+def _has_suffix(members: dict[str, bytes], ext: str) -> bool:
+    wanted = ext.lower()
+    return any(existing.lower() == wanted for existing in members)
 
 
 def split_member_name(name: str) -> tuple[str, str]:

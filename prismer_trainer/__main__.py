@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels-root", help="default $LABELS_ROOT or ./labels")
     train.add_argument("--experts", default="auto", help="auto | all | none (PrismerZ) | comma list")
     train.add_argument("--tokenizer", help="word | hub id | local dir (default: word for tiny, else RoBERTa)")
-    train.add_argument("--label-embeddings", help="dir with Prismer's *_features.npy tables")
+    train.add_argument(
+        "--label-embeddings", help="CLIP-PCA tables dir (default: the label root's embeddings/)"
+    )
     train.add_argument(
         "--init-checkpoint", help="start from these weights (checkpoint dir or state-dict file)"
     )

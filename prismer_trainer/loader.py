@@ -43,7 +43,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from label_pipeline.decode import DecodeError, decode_image
-from label_pipeline.format import IMAGE_EXTENSIONS, decode_png, sanitize_key
+from label_pipeline.format import IMAGE_EXTENSIONS, decode_npy, decode_png, sanitize_key
 from label_pipeline.tario import split_member_name
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ BACKGROUND = 255
 DENSE_CHANNELS = {"depth": 1, "edge": 1, "normal": 3}
 CATEGORICAL = ("seg_coco", "seg_ade", "obj_detection", "ocr_detection")
 EMBED_DIM = 64
+WORD_FEATURES = "ocr_features.npy"  # per-word CLIP-PCA features, row i = word i of ocr_detection.json
+WORD_FEATURE_DTYPE = np.float16
 # Fill values for pixels that a geometric augmentation brings in from outside the image (Prismer's).
 RGB_FILL = 0
 DENSE_FILL = 0
@@ -235,10 +237,12 @@ def hashed_embedding(text: str, dim: int = EMBED_DIM, norm: float = 6.0) -> np.n
 class LabelEmbeddings:
     """64-d vectors for class ids (seg, detection), OCR words and the background.
 
-    ``from_dir`` reads Prismer's tables as ``.npy`` (``coco_features.npy``, ``ade_features.npy``,
-    ``detection_features.npy``, ``background_features.npy``: its ``dataset/*.pt`` converted). ``hashed``
-    gives a stand-in where a table is not available (the demo): a fixed vector per class name. OCR words
-    always use the hashed vector of their text here; Prismer used CLIP ViT-L/14 text features → PCA-64.
+    ``from_dir`` reads a tables directory (docs/FORMAT.md: ``OUT/embeddings`` of a label root, written by
+    the labelling run or by ``label-pipeline import-prismer-tables``), a label root holding one, or
+    Prismer's tables as ``*_features.npy`` (its ``dataset/*.pt`` converted). A word's vector is the CLIP-PCA
+    feature stored next to the word map (``ocr_features.npy``); it reaches :meth:`vector` as a
+    ``("vec", bytes)`` token. ``hashed`` is the tiny demo's stand-in: a fixed pseudo-random vector per class
+    name and per word text, not CLIP-PCA.
     """
 
     def __init__(self, classes: Mapping[str, np.ndarray], background: np.ndarray, source: str) -> None:
@@ -247,19 +251,37 @@ class LabelEmbeddings:
         self.source = source
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> LabelEmbeddings:
-        root = Path(directory)
-        if not (root / "background_features.npy").exists():
-            raise FileNotFoundError(
-                f"{root}: no background_features.npy. Expected Prismer's label embedding tables as .npy "
-                f"({', '.join(f'{n}.npy' for n in _TABLE_FILES.values())}, background_features.npy)"
-            )
+    def find(cls, directory: str | Path) -> LabelEmbeddings | None:
+        """The tables of a tables directory or of a label root (its ``embeddings/``); None if it has none."""
+        from label_pipeline.embedding_tables import BACKGROUND as TABLE_BACKGROUND
+        from label_pipeline.embedding_tables import TABLES_DIR, read_tables
+
+        url = str(directory).rstrip("/")
+        for candidate in (url, f"{url}/{TABLES_DIR}"):
+            tables = read_tables(candidate)
+            if tables is not None and TABLE_BACKGROUND in tables.arrays:
+                classes = {k: v for k, v in tables.arrays.items() if k != TABLE_BACKGROUND}
+                return cls(classes, tables.arrays[TABLE_BACKGROUND], source=candidate)
+        root = Path(url)
+        if "://" in url or not (root / "background_features.npy").exists():
+            return None
         classes = {
             expert: np.load(root / f"{name}.npy")
             for expert, name in _TABLE_FILES.items()
             if (root / f"{name}.npy").exists()
         }
         return cls(classes, np.load(root / "background_features.npy"), source=str(root))
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> LabelEmbeddings:
+        found = cls.find(directory)
+        if found is None:
+            raise FileNotFoundError(
+                f"{directory}: no CLIP-PCA label tables. Expected a tables directory (index.json, see "
+                "docs/FORMAT.md), a label root holding one in embeddings/, or Prismer's tables as .npy "
+                f"({', '.join(f'{n}.npy' for n in _TABLE_FILES.values())}, background_features.npy)"
+            )
+        return found
 
     @classmethod
     def hashed(cls) -> LabelEmbeddings:
@@ -278,9 +300,64 @@ class LabelEmbeddings:
         kind, value = token
         if kind == "bg":
             return self.background
-        if kind == "word":
+        if kind == "vec":  # a stored word feature (ocr_features.npy row)
+            return np.frombuffer(value, WORD_FEATURE_DTYPE).astype(np.float32)
+        if kind == "word":  # the tiny demo's stand-in for a word without a stored feature
             return hashed_embedding(str(value))
         return self.class_vector(kind, int(value))
+
+
+CATEGORICAL_NEEDING_TABLES = ("seg_coco", "seg_ade", "obj_detection", "ocr_detection")
+
+
+def label_root_of(shards: Sequence[str]) -> str | None:
+    """The label root (``…/OUT``) of shards under ``OUT/shards/``; None for shards elsewhere."""
+    base, sep, _ = shards[0].rpartition("/shards/") if shards else ("", "", "")
+    return base if sep else None
+
+
+def default_embeddings(root: str | None, experts: Sequence[str], model: str) -> LabelEmbeddings:
+    """The label root's CLIP-PCA tables. Only the ``tiny`` demo may fall back to hashed stand-ins;
+    ``prismer_base``/``prismer_large`` get an error that names the commands making the tables."""
+    found = LabelEmbeddings.find(root) if root else None
+    if found is not None:
+        logger.info("label embeddings: CLIP-PCA tables from %s", found.source)
+        return found
+    categorical = [e for e in experts if e in CATEGORICAL_NEEDING_TABLES]
+    if model == "tiny" or not categorical:
+        if categorical:
+            logger.info(
+                "tiny demo: no CLIP-PCA tables in %s, so class and word embeddings are hashed stand-ins "
+                "(fixed pseudo-random vectors per name), not Prismer's",
+                root,
+            )
+        return LabelEmbeddings.hashed()
+    where = f"{root}/embeddings" if root else "DIR"
+    raise FileNotFoundError(
+        f"no CLIP-PCA label tables in {where}: {model} embeds its {', '.join(categorical)} labels with them. "
+        f"Import Prismer's (to fine-tune the released checkpoints): label-pipeline import-prismer-tables "
+        f"PRISMER_CHECKOUT {where}; or label with the text-feature stage ocr_features (docs/EXPERTS.md), "
+        "which writes them; or pass --label-embeddings DIR"
+    )
+
+
+def require_word_features(root: str | None, experts: Sequence[str], model: str) -> None:
+    """``prismer_base``/``prismer_large`` read each OCR word's stored CLIP-PCA feature: refuse labels
+    whose ``_run.json`` shows OCR without the text-feature stage (the tiny demo hashes the words)."""
+    if model == "tiny" or "ocr_detection" not in experts or root is None:
+        return
+    try:
+        with fsspec.open(f"{root}/_run.json", "r") as handle:
+            labelled = json.load(handle).get("experts", {})
+    except (OSError, ValueError, AttributeError):
+        return  # no run record to tell: samples without features have their OCR masked
+    if "ocr_detection" in labelled and "ocr_features" not in labelled:
+        raise FileNotFoundError(
+            f"{root} has OCR labels but no word features (ocr_features): {model} embeds each word with "
+            "its CLIP-PCA feature. Add {name: ocr_features, options: {pca: PCA.npz}} to the dataset's "
+            f"manifest and run `label-pipeline run MANIFEST --out {root}`: only that member is computed "
+            "(docs/EXPERTS.md, text features)"
+        )
 
 
 def _hashed_class_table(expert: str) -> list[np.ndarray]:
@@ -528,6 +605,9 @@ class SampleDecoder:
     max_tokens: int = 30
     label_resolution: int = LABEL_RESOLUTION
     qa: QaIndex | None = None
+    # A word without a stored feature: True (the tiny demo) gives it a hashed stand-in vector; False
+    # masks the OCR label of that sample, as for any missing expert.
+    hashed_words: bool = True
 
     def wants(self, key: str, members: Mapping[str, Any]) -> bool:
         """Cheap filter on member names: an image, and a caption (captioning) or questions (VQA)."""
@@ -542,6 +622,8 @@ class SampleDecoder:
         if name in IMAGE_EXTENSIONS or name in ("txt", "json"):
             return True
         expert, _, ext = name.partition(".")
+        if name == WORD_FEATURES:
+            return "ocr_detection" in self.experts
         return expert in self.experts and ext in ("png", "json")
 
     def __call__(self, key: str, members: Mapping[str, bytes], rng: np.random.Generator) -> list[Example]:
@@ -577,8 +659,37 @@ class SampleDecoder:
             if label.shape[:2] != size or label.ndim != want_ndim:
                 logger.warning("sample %s: %s label %s != image %s; masked", key, expert, label.shape, size)
                 continue
+            if expert == "ocr_detection":
+                side["ocr_features"] = self._word_features(key, members, side[expert])
+                if side["ocr_features"] is None and not self.hashed_words:
+                    logger.warning("sample %s: OCR words without their %s; masked", key, WORD_FEATURES)
+                    continue
             labels[expert] = label
         return labels, side
+
+    @staticmethod
+    def _word_features(key: str, members: Mapping[str, bytes], words: Any) -> np.ndarray | None:
+        """The stored (N, 64) word features, row i for word i of the json; None if absent or unusable."""
+        data = members.get(WORD_FEATURES)
+        if data is None:
+            return None
+        try:
+            features = decode_npy(data)
+        except (OSError, ValueError) as exc:
+            logger.warning("sample %s: %s unreadable (%s)", key, WORD_FEATURES, exc)
+            return None
+        count = len(words) if isinstance(words, list) else -1
+        if features.shape != (count, EMBED_DIM) or features.dtype != WORD_FEATURE_DTYPE:
+            logger.warning(
+                "sample %s: %s is %s %s for %d words",
+                key,
+                WORD_FEATURES,
+                features.dtype,
+                features.shape,
+                count,
+            )
+            return None
+        return features
 
     def _visual(
         self, key: str, rgb: np.ndarray, labels: dict[str, np.ndarray], side: dict[str, Any]
@@ -594,21 +705,24 @@ class SampleDecoder:
                 dense[expert] = label.reshape(size, size, -1).transpose(2, 0, 1)
             else:
                 ids[expert] = labels.get(expert, np.full((size, size), BACKGROUND, np.uint8))
-                tokens[expert] = self._tokens(expert, side.get(expert, []))
+                tokens[expert] = self._tokens(expert, side.get(expert, []), side.get("ocr_features"))
         return Example(key, rgb.transpose(2, 0, 1), dense, ids, tokens, present, [], [], "")
 
     @staticmethod
-    def _tokens(expert: str, side: Any) -> dict[int, tuple[str, Any]]:
-        """Map value → what its embedding is: a class id (seg: the value itself), or an OCR word."""
+    def _tokens(expert: str, side: Any, features: np.ndarray | None = None) -> dict[int, tuple[str, Any]]:
+        """Map value → what its embedding is: a class id (seg: the value itself), or an OCR word (its
+        stored feature, row = position in the json; without one, its text for the hashed stand-in)."""
         if expert.startswith("seg"):
             return {v: (expert, v) for v in range(_TABLE_SIZES[expert])}
         tokens = {}
-        for item in side if isinstance(side, list) else []:
+        for row, item in enumerate(side if isinstance(side, list) else []):
             instance = int(item.get("instance", -1))
             if not 0 <= instance < BACKGROUND:
                 continue
             if expert == "obj_detection":
                 tokens[instance] = (expert, int(item["class_id"]))
+            elif features is not None:
+                tokens[instance] = ("vec", features[row].tobytes())
             else:
                 tokens[instance] = ("word", str(item.get("text", "")).lower())
         return tokens

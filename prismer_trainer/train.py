@@ -8,7 +8,9 @@
 * Checkpoints are directories ``<run>/checkpoints/step_XXXXXXXX`` written under a temporary name and
   renamed into place after a ``complete`` marker: model, optimizer, scheduler, scaler, step, every
   rank's RNG states and the loader position. Resuming continues the schedule and the data stream where
-  they were, so an interrupted run repeats the losses of an uninterrupted one.
+  they were, so an interrupted run repeats the losses of an uninterrupted one. Every file holds only
+  tensors and plain containers (or JSON) and is read with ``torch.load(weights_only=True)``: a checkpoint
+  from someone else cannot run code here, and one that tries is refused with one line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -33,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from prismer_trainer.config import CATEGORICAL_EXPERTS, DEFAULT_EXPERTS, KNOWN_EXPERTS, ModelConfig
+from expert_zoo.weights import load_error_reason
+from prismer_trainer.config import DEFAULT_EXPERTS, KNOWN_EXPERTS, ModelConfig
 from prismer_trainer.configs import TrainConfig
 from prismer_trainer.loader import (
     AugmentConfig,
@@ -47,10 +51,13 @@ from prismer_trainer.loader import (
     caption_corpus,
     dataset_shards,
     dataset_size,
+    default_embeddings,
+    label_root_of,
     labels_root,
     load_tokenizer,
     make_loader,
     pre_question,
+    require_word_features,
     to_model_inputs,
 )
 from prismer_trainer.model import PrismerModel, load_pretrained
@@ -139,7 +146,9 @@ def train(config: TrainConfig, options: RunOptions) -> TrainResult:
     shards = dataset_shards(options.dataset, options.labels_root)
     experts = resolve_experts(options.experts, config.model, options.dataset, options.labels_root)
     tokenizer = resolve_tokenizer(options.tokenizer, config, options, shards, resume_from)
-    embeddings = resolve_embeddings(options.label_embeddings, experts, config.model, resume_from)
+    root = label_root_of(shards)
+    require_word_features(root, experts, config.model)
+    embeddings = resolve_embeddings(options.label_embeddings, experts, config.model, resume_from, root)
     model_config = ModelConfig.preset(
         config.model,
         experts=experts,
@@ -151,8 +160,9 @@ def train(config: TrainConfig, options: RunOptions) -> TrainResult:
         eos_token_id=tokenizer.eos_id,
     )
     if resume_from:  # the checkpoint's model, even if the dataset has been labelled by more experts since
-        saved = json.loads((resume_from / "trainer_state.json").read_text())["model_config"]
-        model_config = ModelConfig.from_dict(saved)
+        with reading_checkpoint(resume_from / "trainer_state.json"):
+            saved = json.loads((resume_from / "trainer_state.json").read_text())["model_config"]
+            model_config = ModelConfig.from_dict(saved)
         experts = model_config.experts
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = PrismerModel(model_config)
@@ -379,18 +389,19 @@ def resolve_tokenizer(
 
 
 def resolve_embeddings(
-    choice: str | None, experts: tuple[str, ...], model: str, resume_from: Path | None
+    choice: str | None,
+    experts: tuple[str, ...],
+    model: str,
+    resume_from: Path | None,
+    root: str | None = None,
 ) -> LabelEmbeddings:
+    """The checkpoint's tables when resuming, else ``--label-embeddings DIR``, else the label root's."""
     if resume_from is not None and (resume_from / "label_embeddings.npz").exists():
-        return load_embeddings(resume_from / "label_embeddings.npz")
+        with reading_checkpoint(resume_from / "label_embeddings.npz"):
+            return load_embeddings(resume_from / "label_embeddings.npz")
     if choice:
         return LabelEmbeddings.from_dir(choice)
-    if model != "tiny" and any(e in CATEGORICAL_EXPERTS for e in experts):
-        logger.warning(
-            "no --label-embeddings: categorical labels use hashed stand-in vectors, not Prismer's CLIP-PCA "
-            "tables (needed to continue from released checkpoints)"
-        )
-    return LabelEmbeddings.hashed()
+    return default_embeddings(root, experts, model)  # the label root's embeddings/ (docs/FORMAT.md)
 
 
 def initialise_weights(model: PrismerModel, options: RunOptions) -> None:
@@ -398,9 +409,7 @@ def initialise_weights(model: PrismerModel, options: RunOptions) -> None:
     pretrained CLIP / RoBERTa for the real presets; ``tiny`` starts from scratch."""
     if options.init_checkpoint:
         path = Path(options.init_checkpoint)
-        state = torch.load(
-            path / "model.pt" if path.is_dir() else path, map_location="cpu", weights_only=True
-        )
+        state = load_tensors(path / "model.pt" if path.is_dir() else path, _INIT_HINT)
         if isinstance(state.get("model"), dict):  # a {"model": state_dict, ...} bundle
             state = state["model"]
         model.load_prismer_state_dict(state)
@@ -516,6 +525,7 @@ def build_stream(
         max_tokens=config.max_tokens,
         label_resolution=config.label_resolution,
         qa=qa,
+        hashed_words=config.model == "tiny",  # real configs mask OCR words that lack stored features
     )
     return ShardStream(
         shards,
@@ -579,11 +589,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def rng_states(instance_rng: random.Random, device: torch.device) -> dict[str, Any]:
+    """This rank's RNG states as tensors and plain numbers, so that the file loads with ``weights_only``."""
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "instance": instance_rng.getstate(),
+        "numpy": _plain_numpy_state(np.random.get_state()),
+        "python": _plain_python_state(random.getstate()),
+        "instance": _plain_python_state(instance_rng.getstate()),
     }
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
@@ -591,12 +602,62 @@ def rng_states(instance_rng: random.Random, device: torch.device) -> dict[str, A
 
 
 def restore_rng(states: dict[str, Any], instance_rng: random.Random, device: torch.device) -> None:
+    """Set the RNGs from :func:`native_rng_states` (what :func:`load_checkpoint` returns)."""
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     instance_rng.setstate(states["instance"])
     if "cuda" in states and device.type == "cuda":
         torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def native_rng_states(plain: dict[str, Any]) -> dict[str, Any]:
+    """:func:`rng_states`' file form → the objects the RNGs' ``set_state`` functions take."""
+    states = {
+        "torch": _byte_tensor(plain["torch"]),
+        "numpy": _numpy_state(plain["numpy"]),
+        "python": _python_state(plain["python"]),
+        "instance": _python_state(plain["instance"]),
+    }
+    if "cuda" in plain:
+        states["cuda"] = _byte_tensor(plain["cuda"])
+    return states
+
+
+def _byte_tensor(value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        raise TypeError(f"expected a uint8 tensor for a torch RNG state, got {type(value).__name__}")
+    return value
+
+
+def _plain_numpy_state(state: tuple) -> dict[str, Any]:
+    """numpy's legacy ``get_state()`` tuple (name, 624 uint32 words, pos, has_gauss, gauss) as plain data."""
+    name, words, pos, has_gauss, gauss = state
+    keys = torch.from_numpy(np.asarray(words, dtype=np.int64))  # int64: torch's uint32 support is partial
+    return {
+        "name": str(name),
+        "keys": keys,
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+
+
+def _numpy_state(plain: dict[str, Any]) -> tuple:
+    keys = plain["keys"].numpy().astype(np.uint32)
+    return (plain["name"], keys, int(plain["pos"]), int(plain["has_gauss"]), float(plain["gauss"]))
+
+
+def _plain_python_state(state: tuple) -> dict[str, Any]:
+    """``random.getstate()`` (version, 625 ints, gauss_next) as plain data: the ints as one int64 tensor."""
+    version, internal, gauss_next = state
+    internal_tensor = torch.tensor(internal, dtype=torch.int64)
+    return {"version": int(version), "internal": internal_tensor, "gauss_next": gauss_next}
+
+
+def _python_state(plain: dict[str, Any]) -> tuple:
+    internal = tuple(int(v) for v in plain["internal"].tolist())
+    return (int(plain["version"]), internal, plain["gauss_next"])
 
 
 def save_checkpoint(
@@ -689,20 +750,26 @@ def load_checkpoint(
 ) -> tuple[TrainState, dict[str, Any] | None]:
     """Restore model, optimizer, scheduler and scaler in place; return the train state and this rank's RNG
     states (restored by the caller once the loader exists)."""
-    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=model_sd,
-        optim_state_dict=optim_sd,
-        options=StateDictOptions(full_state_dict=True),
-    )
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    model_sd = load_tensors(path / "model.pt")
+    optim_sd = load_tensors(path / "optimizer.pt")
+    with reading_checkpoint(path):  # e.g. the optimizer state of another model
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_sd,
+            optim_state_dict=optim_sd,
+            options=StateDictOptions(full_state_dict=True),
+        )
+    scheduler_sd = load_tensors(path / "scheduler.pt")
+    with reading_checkpoint(path / "scheduler.pt"):
+        scheduler.load_state_dict(scheduler_sd)
     if scaler is not None and (path / "scaler.pt").exists():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    meta = json.loads((path / "trainer_state.json").read_text())
-    state = TrainState(**meta["state"])
+        scaler_sd = load_tensors(path / "scaler.pt")
+        with reading_checkpoint(path / "scaler.pt"):
+            scaler.load_state_dict(scaler_sd)
+    with reading_checkpoint(path / "trainer_state.json"):
+        meta = json.loads((path / "trainer_state.json").read_text())
+        state = TrainState(**meta["state"])
     if (state.world_size, state.num_workers) != (world.world_size, num_workers):
         logger.warning(
             "checkpoint was written with %d ranks x %d workers, now %d x %d: the data order differs from "
@@ -714,8 +781,51 @@ def load_checkpoint(
         )
     state.world_size, state.num_workers = world.world_size, num_workers
     rng_file = path / f"rng_rank{world.rank}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-    return state, rng
+    if not rng_file.exists():
+        return state, None
+    plain = load_tensors(rng_file)
+    with reading_checkpoint(rng_file):
+        return state, native_rng_states(plain)
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint file that cannot be loaded, or that is refused because loading it could run code.
+
+    A ``ValueError``, so ``python -m prismer_trainer`` prints it as one line and exits 2."""
+
+
+_RESUME_HINT = (
+    "delete that checkpoint directory (the previous one is then used), or start again with --no-resume "
+    "(add --init-checkpoint <its model.pt> to keep the weights)"
+)
+_INIT_HINT = "--init-checkpoint takes a checkpoint directory or a state-dict file of tensors"
+
+
+def load_tensors(path: Path, hint: str = _RESUME_HINT) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code."""
+    with reading_checkpoint(path, hint):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: Path, hint: str = _RESUME_HINT) -> Iterator[None]:
+    """Turn any failure while reading or applying a checkpoint file into one :class:`CheckpointUnreadable`.
+
+    Broken files fail in many ways (zip, pickle, JSON, key and shape errors), so everything is wrapped;
+    the original exception stays chained for ``--debug``-style inspection.
+    """
+    try:
+        yield
+    except CheckpointUnreadable:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CheckpointUnreadable(
+            f"refusing checkpoint file {path}: {load_error_reason(exc)}; only tensors and plain containers "
+            f"are loaded, anything else could run code here; {hint}"
+        ) from exc
+    except Exception as exc:
+        reason = load_error_reason(exc)
+        raise CheckpointUnreadable(f"cannot load checkpoint file {path}: {reason}; {hint}") from exc
 
 
 def save_embeddings(embeddings: LabelEmbeddings, path: Path) -> None:

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from builders import photo_samples, write_manifest, write_wds
 from experts_for_tests import BrightnessDepth, register_test_experts
 
 from expert_zoo.base import ExpertSpec
-from expert_zoo.canny import CannyEdge
+from expert_zoo.canny import CannyEdge, CannyOptions
 from expert_zoo.registry import register
 from label_pipeline.cli import main
 from label_pipeline.config import ConfigError
@@ -32,10 +33,17 @@ pytestmark = pytest.mark.ray
 TESTS = Path(__file__).resolve().parent
 
 
+@dataclass(frozen=True)
+class PidSlowOptions(CannyOptions):
+    sleep: float = 0.3
+    pid_dir: str | None = None
+
+
 class PidSlowEdge(CannyEdge):
     """Canny that notes its process id in ``pid_dir`` and sleeps per batch (a test kills it)."""
 
     spec = ExpertSpec(task="edge", backend="pidslow", version="1", mode="L", batch_size=2)
+    Options = PidSlowOptions
 
     def __init__(self, config=None, device="cpu"):
         super().__init__(config, device)
@@ -312,23 +320,34 @@ def start_driver(tmp_path, source, out, cluster, log):
 def test_driver_killed_or_interrupted_mid_run_resumes_to_identical_bytes(cluster, tmp_path):
     source = shards(tmp_path, 3, 6)
     killed, interrupted, clean = tmp_path / "killed", tmp_path / "interrupted", tmp_path / "clean"
+    terminated = tmp_path / "terminated"
     with (tmp_path / "driver.log").open("wb") as log:
         driver, killed_manifest = start_driver(tmp_path, source, killed, cluster, log)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         driver, interrupted_manifest = start_driver(tmp_path, source, interrupted, cluster, log)
         driver.send_signal(signal.SIGINT)  # Ctrl-C
-        assert driver.wait(timeout=60) != 0
+        assert driver.wait(timeout=60) == 130
+    with (tmp_path / "terminated.log").open("wb") as log:
+        driver, terminated_manifest = start_driver(tmp_path, source, terminated, cluster, log)
+        driver.send_signal(signal.SIGTERM)  # a scheduler stopping the container
+        assert driver.wait(timeout=60) == 143
     log = (tmp_path / "driver.log").read_text(errors="replace")[-4000:]
+    term_log = (tmp_path / "terminated.log").read_text(errors="replace")
     assert not (killed / "records" / "00001.done.json").exists() and (killed / "_lock").exists()
-    assert not (interrupted / "_lock").exists(), log  # a clean stop releases the output ...
-    assert not [p for p in (interrupted / "shards").iterdir() if ".tmp-" in p.name]  # ... removes temp tars
-    assert stats_of(interrupted)["status"] == "interrupted"
+    for stopped in (interrupted, terminated):
+        assert not (stopped / "_lock").exists(), log  # a clean stop releases the output ...
+        assert not [p for p in (stopped / "shards").iterdir() if ".tmp-" in p.name]  # ... and temp tars
+        assert stats_of(stopped)["status"] == "interrupted"
+    assert "stopped by SIGTERM" in term_log and "Traceback" not in term_log, term_log[-4000:]
+    committed = len(list(terminated.glob("records/*.done.json")))
+    assert f"interrupted: {committed} shards committed" in term_log, term_log[-4000:]  # counts what was
 
     assert run(killed_manifest, "--runner", "ray") == 0  # resume (this time from the test's process)
     assert run(interrupted_manifest, "--runner", "ray") == 0
+    assert run(terminated_manifest, "--runner", "ray") == 0
     assert run(write_manifest(tmp_path / "c.yaml", source, clean, ["edge:slow"])) == 0
-    for out in (killed, interrupted):
+    for out in (killed, interrupted, terminated):
         assert shard_bytes(out) == shard_bytes(clean) and len(shard_bytes(clean)) == 3
         for name in shard_bytes(clean):
             keys = [

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from expert_zoo.registry import build_expert, resolve_name
+from expert_zoo.registry import resolve_experts, resolve_name
 from label_pipeline.config import Manifest
 from label_pipeline.labeler import Labeler
 from label_pipeline.progress import Progress
-from label_pipeline.run import RunOptions, RunSummary, finish_run, prepare_run
+from label_pipeline.run import RunOptions, RunSummary, check_inputs, finish_run, prepare_run
 from label_pipeline.shard_job import run_shard
 
 logger = logging.getLogger(__name__)
@@ -16,23 +16,26 @@ logger = logging.getLogger(__name__)
 
 def build_experts(manifest: Manifest, device: str = "auto") -> dict:
     """Instantiate (load) every expert the manifest names; fails fast if one is unavailable."""
-    return {request.task: build_expert(request, device=device) for request in manifest.experts}
+    resolved = resolve_experts(manifest.experts)  # every name and option checked before a model loads
+    return {task: expert.build(device) for task, expert in resolved.items()}
 
 
 def run_local(
     manifest: Manifest, options: RunOptions, progress: bool = True, device: str = "auto"
 ) -> RunSummary:
+    inputs = check_inputs(manifest, options)  # before loading any weights
     experts = build_experts(manifest, device=device)
     labeler = Labeler(experts, batch_size=manifest.batch_size)
     names = {request.task: resolve_name(request) for request in manifest.experts}
-    prepared = prepare_run(manifest, options, names, labeler.fingerprints)
+    prepared = prepare_run(manifest, options, names, labeler.fingerprints, inputs)
     bar = Progress(len(prepared.plans), enabled=progress)
     try:
         for plan in prepared.plans:
             try:
                 result = run_shard(plan, prepared.source, prepared.store, labeler, manifest.decode)
             except Exception as exc:  # noqa: BLE001 - one shard fails (recorded), the run goes on
-                logger.exception("shard %s failed: %s", plan.shard.shard_id, exc)
+                # one line on the terminal; the traceback goes to the run's log (or --debug)
+                logger.exception("shard %s failed: %s: %s", plan.shard.shard_id, type(exc).__name__, exc)
                 prepared.summary.failed_shards[plan.shard.shard_id] = f"{type(exc).__name__}: {exc}"
                 prepared.store.write_failed(plan.shard.shard_id, f"{type(exc).__name__}: {exc}")
                 continue

@@ -31,11 +31,11 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from expert_zoo.base import Expert
-from expert_zoo.registry import available, expert_class, resolve_name
+from expert_zoo.registry import available, resolve_experts, resolve_name
 from label_pipeline.config import Manifest
 from label_pipeline.format import encode_json
 from label_pipeline.labeler import Labeler
-from label_pipeline.run import PreparedRun, RunOptions, RunSummary, finish_run, prepare_run
+from label_pipeline.run import PreparedRun, RunOptions, RunSummary, check_inputs, finish_run, prepare_run
 from label_pipeline.runners.ray_actors import (
     CONCURRENCY_GROUPS,
     ExpertActor,
@@ -58,6 +58,7 @@ from label_pipeline.runners.ray_planner import (
 )
 from label_pipeline.runners.ray_stats import LiveView, RunStats, monitor_snapshot
 from label_pipeline.shard_job import ShardPlan, ShardResult
+from label_pipeline.signals import install_sigterm_handler
 
 logger = logging.getLogger(__name__)
 CANCEL_GRACE_S = 30.0
@@ -70,9 +71,12 @@ def run_ray(
     known = {name.partition(":")[0] for name in available()} | {r.task for r in manifest.experts}
     config = parse_ray_config(manifest.runner, known)
     names = {request.task: resolve_name(request) for request in manifest.experts}
-    classes = {task: expert_class(name) for task, name in names.items()}  # fails fast, here
+    # Fails fast, here: every name and option is checked before Ray starts or a model loads.
+    classes = {task: expert.cls for task, expert in resolve_experts(manifest.experts).items()}
     options_by_task = {request.task: dict(request.options) for request in manifest.experts}
+    inputs = check_inputs(manifest, options)  # before starting Ray or loading any weights
     started_ray = connect(address, config)
+    install_sigterm_handler()  # ray.init replaces it with one that exits without cleaning up
     experts: ExpertGroup | None = None
     clean = False
     try:
@@ -80,7 +84,7 @@ def run_ray(
         experts.start_first_replicas()
         experts.choose_batch_sizes(manifest.batch_size)
         fingerprints = Labeler(experts.proxies(), batch_size=manifest.batch_size).fingerprints
-        prepared = prepare_run(manifest, options, names, fingerprints)
+        prepared = prepare_run(manifest, options, names, fingerprints, inputs)
         _label(prepared, manifest, experts, config, progress)
         clean = True
     finally:
@@ -540,6 +544,12 @@ class ShardStream:
             return
         logger.info("stopping %d shards in flight", len(running))
         self.experts.monitor.stop.remote()
-        _, stuck = ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
+        finished, stuck = ray.wait(list(running), num_returns=len(running), timeout=CANCEL_GRACE_S)
+        for ref in finished:  # a shard that committed before it saw the stop counts as committed
+            try:
+                result = ray.get(ref)
+            except RayError:
+                continue
+            self.prepared.summary.results.append(result)
         for ref in stuck:
             ray.cancel(ref, force=True)  # a chunk slower than the grace period; the next run cleans up

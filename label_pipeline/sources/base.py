@@ -14,6 +14,7 @@ class Sample:
     ``key`` is already a valid webdataset key (see ``format.unique_keys``); ``source`` holds the ids
     that tie it back to the dataset and goes verbatim into the output json. ``error`` is set when the
     sample could not be read at all (e.g. ``no_image``); such a sample is still written, without labels.
+    ``error_message`` then explains it (a default per status is used when it is None).
     """
 
     key: str
@@ -22,6 +23,7 @@ class Sample:
     caption: bytes | str | None
     source: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    error_message: str | None = None
 
 
 @dataclass(frozen=True)

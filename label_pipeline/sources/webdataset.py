@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from braceexpand import braceexpand
 
 from label_pipeline.format import IMAGE_EXTENSIONS, KeyDeduper
 from label_pipeline.sources.base import InputShard, Sample, ShardReadReport
-from label_pipeline.tario import read_tar_samples
+from label_pipeline.tario import TarSample, read_tar_entries
 
 logger = logging.getLogger(__name__)
 _DROPPED_META = ("exif",)  # img2dataset stores raw EXIF here: large and not an id
@@ -20,10 +21,13 @@ _DROPPED_META = ("exif",)  # img2dataset stores raw EXIF here: large and not an 
 
 def expand_shard_urls(pattern: str) -> list[str]:
     """Brace-expand ``…/{00000..01242}.tar`` (several patterns may be joined with ``::``)."""
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(braceexpand(part))
-    return urls
+    return list(_expanded(pattern))
+
+
+@functools.lru_cache(maxsize=8)
+def _expanded(pattern: str) -> tuple[str, ...]:
+    # Planning expands the same pattern several times (listing, overlap check, status): once is enough.
+    return tuple(url for part in pattern.split("::") for url in braceexpand(part))
 
 
 def shard_id_of(url: str) -> str:
@@ -53,20 +57,32 @@ class WebDatasetSource:
         ]
 
     def read(self, shard: InputShard, report: ShardReadReport) -> Iterator[Sample]:
+        """Every sample of the tar, in order (docs/FORMAT.md: how tar members become samples)."""
         dedupe = KeyDeduper()
-        for raw, members in self._member_groups(shard.location, report):
-            yield _sample_from_members(dedupe(raw), raw, members, shard.location)
+        for entry in self._entries(shard.location, report):
+            key = dedupe(entry.key)
+            if entry.unsupported is not None:
+                yield _unsupported_sample(key, entry, shard.location)
+            else:
+                members = {ext.lower(): data for ext, data in entry.members.items()}
+                yield _sample_from_members(key, entry.key, members, shard.location)
 
-    def _member_groups(self, url: str, report: ShardReadReport) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def _entries(self, url: str, report: ShardReadReport) -> Iterator[TarSample]:
         """Samples of one tar; a truncated or damaged tar ends the shard after the last whole member."""
         errors: list[str] = []
         # A shard that cannot be opened at all raises: the shard fails and is retried on the next run.
         with fsspec.open(url, "rb") as handle:
-            for key, members in read_tar_samples(handle, errors):
-                yield key, {ext.lower(): data for ext, data in members.items()}
+            yield from read_tar_entries(handle, errors)
         if errors:
             report.input_error = errors[0]
             logger.warning("input shard %s is damaged, keeping the samples read before: %s", url, errors[0])
+
+
+def _unsupported_sample(key: str, entry: TarSample, url: str) -> Sample:
+    """A tar member that is not a regular file: kept as a failed sample so that nothing vanishes."""
+    source = {"shard": shard_id_of(url), "key": entry.key}
+    message = f"{entry.unsupported}: only regular files are read as sample members"
+    return Sample(key, None, None, None, source, error="unsupported_member", error_message=message)
 
 
 def _sample_from_members(key: str, raw_key: str, members: dict[str, bytes], url: str) -> Sample:
