@@ -39,7 +39,7 @@ _PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "true/false
 
 
 def describe_type(hint: Any) -> str:
-    """A YAML user's name for a type annotation: ``bool`` → ``true/false``, ``str | None`` → …."""
+    """A YAML user's name for a type: ``bool`` → ``true/false``, ``str | None`` → ``a string or null``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         present = [a for a in args if a is not type(None)]

@@ -50,7 +50,11 @@ class WeightsUnavailable(ExpertUnavailable):
             if source.startswith(HF_PREFIX):
                 hint += f"; or {_MANUAL_HINT}"
         super().__init__(f"weights for expert {expert!r} unavailable from {source!r}: {reason}; {hint}")
-        self.expert, self.source, self.reason = expert, source, reason
+        self.expert, self.source, self.reason, self.hint = expert, source, reason, hint
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+        # Rebuilt from its fields when it crosses a process boundary (a Ray actor that failed to load).
+        return (type(self), (self.expert, self.source, self.reason, self.hint))
 
 
 class WeightsUnreadable(ExpertUnavailable):
@@ -61,6 +65,9 @@ class WeightsUnreadable(ExpertUnavailable):
         hint = _repair_hint(expert, Path(path))
         super().__init__(f"expert {expert!r}: cannot load weights from {path}: {reason}; {hint}")
         self.expert, self.path, self.reason = expert, Path(path), reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path, str]]:
+        return (type(self), (self.expert, self.path, self.reason))
 
 
 _MANUAL_HINT = (

@@ -27,6 +27,18 @@ EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 logger = logging.getLogger("label_pipeline")
 
 
+RUN_EPILOG = """\
+exit codes:
+  0    the output is complete for these shards, with no failed sample or shard
+  1    failures remain in the output (failed samples, failed or missing input shards); on every rerun
+  2    usage or configuration error, no input found, output locked or overlapping the input
+  130  interrupted by Ctrl-C; 143 stopped by SIGTERM (committed shards are kept: rerun to resume)
+
+A rerun skips shards whose done-record still matches their tar, records and input shard, and labels
+the others again. Tracebacks go to OUT/logs/run-*.log (and to the terminal with --debug).
+"""
+
+
 def _csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -41,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="label a dataset (manifest path or name in manifests/)")
+    run = sub.add_parser(
+        "run",
+        help="label a dataset (manifest path or name in manifests/)",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("manifest")
     run.add_argument("--out", help="output root (fsspec URL); default: the manifest's output")
     run.add_argument(
@@ -200,7 +217,11 @@ def print_verify_report(report: VerifyReport) -> None:
         print(f"PROBLEM {problem}")
     for note in report.notes:
         print(f"NOTE {note}")
-    verdict = "ok" if report.ok else "PROBLEMS FOUND" + (f" in {len(report.damaged)} shard(s)" if report.damaged else "")
+    verdict = (
+        "ok"
+        if report.ok
+        else "PROBLEMS FOUND" + (f" in {len(report.damaged)} shard(s)" if report.damaged else "")
+    )
     print(f"verified {report.shards} shards, {report.samples} samples: {verdict}")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,8 +237,3 @@ def _texts_of(name: str) -> Any:
     if name == BACKGROUND:
         return BACKGROUND_TEXT
     return table_texts(name) if name in CLASS_TABLES else None
-
-
-def table_tasks(run_record: Mapping[str, Any]) -> list[str]:
-    """The tasks an output holds, from its ``_run.json`` record."""
-    return sorted((run_record or {}).get("experts", {}))

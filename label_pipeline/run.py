@@ -218,6 +218,7 @@ def prepare_run(
     names: Mapping[str, str],
     fingerprints: Mapping[str, str],
     inputs: CheckedInputs | None = None,
+    weights: Mapping[str, str] | None = None,
 ) -> PreparedRun:
     """Lock the output and plan the shards; the caller must finish_run.
 
@@ -226,7 +227,7 @@ def prepare_run(
     inputs = inputs or check_inputs(manifest, options)
     store, source, shards, missing = inputs.store, inputs.source, inputs.shards, inputs.missing
     source_id = source.describe()
-    experts = expert_entries(manifest, names, fingerprints)
+    experts = expert_entries(manifest, names, fingerprints, weights)
     previous = store.read_run()
     check_compatible(previous, source_id, experts, options.relabel)
     store.acquire_lock(force=options.force_unlock)

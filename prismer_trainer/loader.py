@@ -8,8 +8,8 @@ The path of one sample, in a loader worker:
    restarted at any batch (see :class:`ShardStream`): that is the loader position a checkpoint records.
 2. **Decode only what the model uses.** The image with :func:`label_pipeline.decode.decode_image` (the
    exact pixels the labels were aligned to, EXIF included), the caption, and the PNG/JSON members of
-   the model's experts. A missing, undecodable or misaligned expert member masks that expert for that
-   sample instead of failing.
+   the model's experts, and the OCR words' stored CLIP-PCA features (``ocr_features.npy``). A missing,
+   undecodable or misaligned expert member masks that expert for that sample instead of failing.
 3. **One joint geometry** for RGB and labels (:func:`joint_transform`): Prismer's random resized crop,
    then RGB → train resolution (bicubic) and every label → 224 (nearest), a joint horizontal flip that
    also negates the normal's x component, and RandAugment(2, 5) whose geometric ops are defined in

@@ -214,3 +214,17 @@ def test_load_error_reason_is_short_and_never_suggests_unsafe_loading(tmp_path: 
     assert reason.startswith("UnpicklingError: not a plain tensor file") and "print" in reason
     assert "weights_only" not in reason and len(reason) < 200
     assert issubclass(WeightsUnreadable, ExpertUnavailable)
+
+
+def test_weight_errors_survive_pickling() -> None:
+    """A Ray actor that fails to load sends its error back pickled: it must arrive whole."""
+    import pickle
+
+    from expert_zoo.weights import WeightsUnavailable
+
+    for error in (
+        WeightsUnreadable("edge:dexined", "/w/10_model.pth", "RuntimeError: truncated"),
+        WeightsUnavailable("edge:dexined", "hf-hub:org/repo/f.pth", "offline", hint="unset HF_HUB_OFFLINE"),
+    ):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)

@@ -239,7 +239,8 @@ def test_direct_construction_is_checked_too():
         ConfigError, match=r"options.blur: unknown option for edge:canny; did you mean 'blur_sigma'"
     ):
         CannyEdge({"blur": 1})
-    with pytest.raises(ConfigError, match=r"^normal:nll_angmf.options.arch: 'b6' is not one of \['b5', 'tiny'\]$"):
+    wrong_arch = r"^normal:nll_angmf.options.arch: 'b6' is not one of \['b5', 'tiny'\]$"
+    with pytest.raises(ConfigError, match=wrong_arch):
         build_expert("normal:nll_angmf", options={"arch": "b6", "weights": "/absent.pth"})
 
 

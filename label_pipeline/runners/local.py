@@ -27,7 +27,8 @@ def run_local(
     experts = build_experts(manifest, device=device)
     labeler = Labeler(experts, batch_size=manifest.batch_size)
     names = {request.task: resolve_name(request) for request in manifest.experts}
-    prepared = prepare_run(manifest, options, names, labeler.fingerprints, inputs)
+    weights = {task: expert.weights_digest for task, expert in experts.items()}
+    prepared = prepare_run(manifest, options, names, labeler.fingerprints, inputs, weights)
     bar = Progress(len(prepared.plans), enabled=progress)
     try:
         for plan in prepared.plans:

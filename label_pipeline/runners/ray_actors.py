@@ -144,6 +144,7 @@ class ExpertActor:
             "device": str(getattr(expert, "torch_device", None) or "cpu"),
             "spec": expert.spec,
             "fingerprint": expert.fingerprint(),
+            "weights": expert.weights_digest,
         }
 
     @ray.method(concurrency_group="control")

@@ -84,7 +84,8 @@ def run_ray(
         experts.start_first_replicas()
         experts.choose_batch_sizes(manifest.batch_size)
         fingerprints = Labeler(experts.proxies(), batch_size=manifest.batch_size).fingerprints
-        prepared = prepare_run(manifest, options, names, fingerprints, inputs)
+        weights = {task: replicas[0].info.get("weights", "") for task, replicas in experts.replicas.items()}
+        prepared = prepare_run(manifest, options, names, fingerprints, inputs, weights)
         _label(prepared, manifest, experts, config, progress)
         clean = True
     finally:
