@@ -47,14 +47,14 @@ inspect: $(VENV)/.base
 
 # Input shards from the published URL lists (CC3M, SBU, CC12M) with img2dataset; see docs/DATASETS.md.
 download: $(VENV)/.full
-	$(BIN)/python -m label_pipeline.download $(DATASET) --data-root $(DATA_ROOT) $(DOWNLOAD_ARGS)
+	$(BIN)/label-pipeline download $(DATASET) --data-root $(DATA_ROOT) $(DOWNLOAD_ARGS)
 
 # COCO / VG: check the archives the user downloaded; see docs/DATASETS.md.
 prepare: $(VENV)/.base
-	$(BIN)/python -m label_pipeline.prepare $(DATASET) --data-root $(DATA_ROOT)
+	$(BIN)/label-pipeline prepare $(DATASET) --data-root $(DATA_ROOT)
 
 # The bundled Prismer trainer over label shards (CONFIG: tiny for the demo, prismer_base, prismer_large).
 CONFIG ?= $(if $(filter demo,$(DATASET)),tiny,prismer_base)
 train: $(VENV)/.full
 	@if [ "$(DATASET)" = demo ] && [ ! -f $(LABELS_ROOT)/demo/records/00000.done.json ]; then $(MAKE) labels; fi
-	$(BIN)/python -m prismer_trainer train --dataset $(DATASET) --config $(CONFIG)
+	$(BIN)/label-pipeline train --dataset $(DATASET) --config $(CONFIG)

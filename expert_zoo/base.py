@@ -308,6 +308,7 @@ class ExpertRequest:
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     where: str = field(default="", compare=False, repr=False)
+    target: str | None = None  # a plugin's class as ``module:Class`` (manifest key ``class``)
 
     @property
     def options_where(self) -> str:
@@ -329,9 +330,9 @@ class ExpertRequest:
                 f"{here}: an expert entry must be 'task[:backend]' or a mapping with 'name', "
                 f"got {_short(item)}"
             )
-        unknown = sorted(set(item) - {"name", "options"})
+        unknown = sorted(set(item) - {"name", "options", "class"})
         if unknown:
-            hint = did_you_mean(unknown[0], ["name", "options"])
+            hint = did_you_mean(unknown[0], ["name", "options", "class"])
             raise ConfigError(f"{here}: unknown key(s) {unknown} in expert entry{hint}")
         check_type(item["name"], str, f"{here}.name")
         request = cls.parse(item["name"], where)
@@ -341,4 +342,17 @@ class ExpertRequest:
         if bad_keys:
             raise ConfigError(f"{here}.options: option names must be strings, got {bad_keys[0]!r}")
         request.options = dict(options or {})
+        if "class" in item:
+            request.target = _plugin_target(item["class"], request, f"{here}.class")
         return request
+
+
+def _plugin_target(value: Any, request: ExpertRequest, where: str) -> str:
+    """Check a plugin entry: ``class: "module.path:ClassName"`` with a ``task:backend`` name."""
+    check_type(value, str, where)
+    module, _, name = value.partition(":")
+    if not module or not name or not all(part.isidentifier() for part in [*module.split("."), name]):
+        raise ConfigError(f"{where}: expected 'module.path:ClassName', got {value!r}")
+    if request.backend is None:
+        raise ConfigError(f"{where}: a plugin needs a full 'task:backend' name, got {request.task!r}")
+    return value

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from expert_zoo.base import Expert, ExpertOptions, ExpertRequest
+from expert_zoo.base import ConfigError, Expert, ExpertOptions, ExpertRequest
+
+logger = logging.getLogger(__name__)
+PLUGIN_GROUP = "label_pipeline.experts"  # entry points: name "task:backend", value "module:Class"
 
 # "task:backend" -> "module:Class". The first backend listed for a task is its default.
 _REGISTRY: dict[str, str] = {
@@ -22,6 +27,8 @@ _REGISTRY: dict[str, str] = {
     "ocr_features:clip_pca": "expert_zoo.text_features:ClipPcaWordFeatures",
 }
 _DEFAULTS: dict[str, str] = {}
+_BUILTIN = frozenset(_REGISTRY)
+_plugins_loaded = False
 
 
 class ExpertUnavailable(RuntimeError):
@@ -42,13 +49,36 @@ for _name in list(_REGISTRY):
     _DEFAULTS.setdefault(_name.partition(":")[0], _name)
 
 
+def load_plugins() -> None:
+    """Register the experts that installed packages declare in the ``label_pipeline.experts``
+    entry-point group (once per process; a built-in name cannot be taken over)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        if entry.name in _BUILTIN:
+            logger.warning("ignoring plugin %s = %s: that name is built in", entry.name, entry.value)
+            continue
+        try:
+            register(entry.name, entry.value)
+        except ValueError as exc:
+            logger.warning("ignoring plugin entry point %s = %s: %s", entry.name, entry.value, exc)
+
+
 def available() -> list[str]:
-    """Every registered ``task:backend`` name."""
+    """Every registered ``task:backend`` name, plugins included."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def resolve_name(request: ExpertRequest) -> str:
-    """Turn ``task`` or ``task:backend`` into a registered full name, or raise with the choices."""
+    """Turn ``task`` or ``task:backend`` into a registered full name, or raise with the choices.
+
+    A request with a ``class`` (a plugin named in the manifest) registers it under its name here."""
+    load_plugins()
+    if request.target is not None:
+        return _register_manifest_plugin(request)
     if request.backend is None:
         if request.task not in _DEFAULTS:
             raise ExpertUnavailable(f"unknown expert task {request.task!r}; known tasks: {sorted(_DEFAULTS)}")
@@ -62,26 +92,64 @@ def resolve_name(request: ExpertRequest) -> str:
     return name
 
 
+def _register_manifest_plugin(request: ExpertRequest) -> str:
+    name = f"{request.task}:{request.backend}"
+    known = _REGISTRY.get(name)
+    if known is not None and known != request.target:
+        raise ConfigError(
+            f"{request.where or name}.class: {name!r} is already registered as {known}; "
+            "give the plugin another backend name"
+        )
+    _REGISTRY[name] = str(request.target)
+    return name
+
+
 def expert_class(name: str) -> type[Expert]:
-    """Import and return the class registered under ``task:backend``."""
+    """Import and return the class registered under ``task:backend``; it must be an ``Expert``
+    whose spec is for that task and backend."""
+    cls = _import_class(name)
+    if not (isinstance(cls, type) and issubclass(cls, Expert)) or not hasattr(cls, "spec"):
+        raise ExpertUnavailable(
+            f"expert {name!r}: {_REGISTRY[name]} is not a subclass of expert_zoo.base.Expert with a spec"
+        )
+    if cls.spec.name != name:
+        raise ExpertUnavailable(
+            f"expert {name!r}: {_REGISTRY[name]} declares spec {cls.spec.name!r}; the name and the "
+            "spec's task:backend must agree (the task names the output member)"
+        )
+    return cls
+
+
+def _import_class(name: str) -> Any:
     module_name, _, class_name = _REGISTRY[name].partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in ("expert_zoo", "label_pipeline"):
-            raise ExpertUnavailable(
-                f"expert {name!r} is registered but its module is missing: {exc}"
-            ) from exc
-        raise ExpertUnavailable(
-            f"expert {name!r} needs the package {exc.name!r}, which is not installed; "
-            "install the project with its extras: pip install -e '.[experts]'"
-        ) from exc
     except ImportError as exc:
-        raise ExpertUnavailable(
-            f"expert {name!r} needs a package that is not installed ({exc}); "
-            "install the project with its extras: pip install -e '.[experts]'"
-        ) from exc
-    return getattr(module, class_name)
+        if name not in _BUILTIN:
+            raise ExpertUnavailable(
+                f"expert {name!r}: cannot import {module_name} ({exc}); install the plugin's package "
+                "or put it on PYTHONPATH (on every Ray node too)"
+            ) from exc
+        raise _missing_dependency(name, exc) from exc
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise ExpertUnavailable(f"expert {name!r}: module {module_name} has no {class_name!r}") from None
+
+
+def _missing_dependency(name: str, exc: ImportError) -> ExpertUnavailable:
+    """The error for a built-in expert whose module cannot be imported."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if missing and missing.split(".")[0] in ("expert_zoo", "label_pipeline"):
+        return ExpertUnavailable(f"expert {name!r} is registered but its module is missing: {exc}")
+    what = (
+        f"the package {missing!r}, which is not installed"
+        if missing
+        else f"a package that is not installed ({exc})"
+    )
+    return ExpertUnavailable(
+        f"expert {name!r} needs {what}; install the project with its extras: pip install -e '.[experts]'"
+    )
 
 
 @dataclass(frozen=True)

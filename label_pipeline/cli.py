@@ -8,6 +8,8 @@ the output (on every rerun, until they are gone); 2 = usage or configuration err
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,16 +17,24 @@ from typing import TYPE_CHECKING
 
 from expert_zoo.registry import ExpertUnavailable, available
 from label_pipeline.config import ConfigError, load_manifest
-from label_pipeline.logs import setup_console
+from label_pipeline.core.entry import EXIT_FAILURES, EXIT_OK, EXIT_USAGE, run_command, setup_console
 from label_pipeline.output import OutputLocked
 from label_pipeline.run import RunOptions, RunSummary
-from label_pipeline.signals import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 
 if TYPE_CHECKING:
     from label_pipeline.verify import VerifyReport
 
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 logger = logging.getLogger("label_pipeline")
+GLOBAL_FLAGS = ("-v", "--verbose", "--debug")
+USAGE_ERRORS = (ConfigError, ExpertUnavailable, OutputLocked, FileNotFoundError)
+# Subcommands whose arguments belong to another module's parser: everything after the name is
+# handed to it, so ``label-pipeline train --help`` shows the trainer's own help.
+DELEGATED = {
+    "download": ("label_pipeline.download", "turn published URL lists into input shards (img2dataset)"),
+    "prepare": ("label_pipeline.prepare", "check the COCO / Visual Genome files you downloaded"),
+    "train": ("prismer_trainer.__main__", "train Prismer on label shards"),
+    "eval": ("prismer_trainer.__main__", "caption CIDEr / VQA accuracy of a trainer checkpoint"),
+}
 
 
 RUN_EPILOG = """\
@@ -44,14 +54,20 @@ def _csv(value: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="label-pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="label-pipeline", description="Prismer expert labels at dataset scale, into WebDataset shards."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(
         "--debug",
         action="store_true",
         help="show full tracebacks on the terminal (they always go to the run's log in OUT/logs/)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, summary) in DELEGATED.items():
+        delegated = sub.add_parser(name, help=summary, add_help=False)
+        delegated.add_argument("rest", nargs=argparse.REMAINDER)
 
     run = sub.add_parser(
         "run",
@@ -113,29 +129,51 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--encoder", help="CLIP text encoder (default hf-hub:openai/clip-vit-large-patch14)")
     fit.add_argument("--sha256", help="expected sha256 of the encoder's weight file")
     fit.add_argument("--device", default="auto")
+
+    export = sub.add_parser(
+        "export-prismer",
+        help="write a label output in Prismer's own folders ({expert}/{dataset}/{sub}/{stem}.png)",
+    )
+    export.add_argument("output", help="a label output root (OUT of `label-pipeline run`)")
+    export.add_argument("dest", help="local folder to write: Prismer's label_path (not inside OUT)")
+    export.add_argument(
+        "--dataset", help="Prismer's dataset key (default: from the manifest name, coco → vqav2)"
+    )
+    export.add_argument(
+        "--images", help="also copy the labelled images (and captions) to IMAGES/{dataset}/{sub}/"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    globals_end = next((i for i, token in enumerate(argv) if token not in GLOBAL_FLAGS), len(argv))
+    if globals_end < len(argv) and argv[globals_end] in DELEGATED:
+        return run_delegated(
+            argv[globals_end], argv[globals_end + 1 :], debug="--debug" in argv[:globals_end]
+        )
     args = build_parser().parse_args(argv)
     setup_console(verbose=args.verbose, debug=args.debug)
+    return run_command(
+        lambda: COMMANDS[args.command](args),
+        USAGE_ERRORS,
+        "committed shards are kept; run the same command again to resume",
+    )
+
+
+def run_delegated(command: str, rest: list[str], debug: bool) -> int:
+    """``label-pipeline download|prepare|train|eval …``: the module's own entry point, same exit codes."""
+    module = importlib.import_module(DELEGATED[command][0])
+    prefix = [command] if command in ("train", "eval") else []
+    prog = "label-pipeline" if prefix else f"label-pipeline {command}"
+    return module.main([*(["--debug"] if debug else []), *prefix, *rest], prog=prog)
+
+
+def package_version() -> str:
     try:
-        with sigterm_as_interrupt():
-            return COMMANDS[args.command](args)
-    except (ConfigError, ExpertUnavailable, OutputLocked, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return EXIT_USAGE
-    except Terminated:
-        logger.error("stopped by SIGTERM: committed shards are kept; run the same command again to resume")
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        logger.error("interrupted: committed shards are kept; run the same command again to resume")
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
-        name = type(exc).__name__
-        logger.error("unexpected error: %s: %s (rerun with --debug for the traceback)", name, exc)
-        logger.debug("traceback", exc_info=exc)
-        return EXIT_FAILURES
+        return importlib.metadata.version("prismer-label-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -301,6 +339,14 @@ def cmd_fit_pca(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export_prismer(args: argparse.Namespace) -> int:
+    from label_pipeline.export_prismer import export_prismer, format_summary
+
+    summary = export_prismer(args.output, args.dest, dataset=args.dataset, images=args.images)
+    print(format_summary(summary))
+    return EXIT_FAILURES if summary.incomplete else EXIT_OK
+
+
 COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
@@ -310,6 +356,7 @@ COMMANDS = {
     "experts": cmd_experts,
     "import-prismer-tables": cmd_import_prismer_tables,
     "fit-pca": cmd_fit_pca,
+    "export-prismer": cmd_export_prismer,
 }
 
 

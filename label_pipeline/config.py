@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import typing
@@ -18,7 +19,8 @@ import yaml
 from expert_zoo.base import ConfigError, ExpertRequest, check_type, did_you_mean
 from label_pipeline.decode import DEFAULT_MAX_PIXELS
 
-MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
+# The dataset manifests: package data (a link to the top-level manifests/ in a source checkout).
+MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SOURCE_FORMATS = ("webdataset", "coco", "vg", "folder", "demo")
 
@@ -126,7 +128,7 @@ class Manifest:
     output: str
     experts: list[ExpertRequest]
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    batch_size: int | None = None  # overrides every expert's preferred batch size
+    batch_size: int | None = None  # deprecated: applied as each expert's batch_size option where unset
     runner: dict[str, Any] = field(default_factory=dict)  # runner-specific settings (e.g. ray replicas)
 
     def __post_init__(self) -> None:
@@ -143,6 +145,7 @@ class Manifest:
             raise ConfigError(f"experts: task(s) {duplicated} listed more than once")
         if self.batch_size is not None:
             _check_positive(self.batch_size, "batch_size")
+            _apply_deprecated_batch_size(self.experts, self.batch_size)
 
     def with_experts(self, names: list[str]) -> Manifest:
         """The same manifest with a different expert list (``--experts``)."""
@@ -152,6 +155,16 @@ class Manifest:
                 "experts": parse_experts(names, "--experts"),
             }
         )
+
+
+def _apply_deprecated_batch_size(experts: list[ExpertRequest], batch_size: int) -> None:
+    """The manifest-wide ``batch_size`` (deprecated) is each expert's ``batch_size`` option where unset."""
+    logging.getLogger(__name__).warning(
+        "batch_size: a manifest-wide batch_size is deprecated; it is applied as options.batch_size of "
+        "each expert that sets none. Set it per expert instead (docs/ARCHITECTURE.md, 'Batch sizes')"
+    )
+    for request in experts:
+        request.options.setdefault("batch_size", batch_size)
 
 
 def parse_experts(items: Any, where: str) -> list[ExpertRequest]:

@@ -41,10 +41,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from label_pipeline.config import ConfigError, Manifest, load_manifest
+from label_pipeline.core.entry import EXIT_FAILURES, EXIT_OK, run_command, setup_console
 from label_pipeline.sources.webdataset import expand_shard_urls
 
 logger = logging.getLogger("label_pipeline.download")
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 TOOL = "img2dataset"
 RECORD_DIR = "_download"  # a sub-folder: img2dataset reads every *.json beside the shards as stats
@@ -555,9 +555,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m label_pipeline.download",
+        prog=prog or "python -m label_pipeline.download",
         description="Download a web dataset's images from its published URL list into WebDataset shards.",
     )
     parser.add_argument("dataset", choices=sorted(URL_LISTS))
@@ -581,41 +581,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--summary", action="store_true", help="only print the summary of the download so far"
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on the terminal")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.summary:
-            env = {**os.environ, "DATA_ROOT": args.data_root, "LABELS_ROOT": "-"}
-            folder, _ = shard_folder(load_manifest(args.manifest or args.dataset, env=env))
-            summary = read_download_summary(folder) or DownloadSummary(folder)
-        else:
-            options = DownloadOptions(
-                args.processes, args.threads, args.timeout, args.retries, args.samples_per_shard
-            )
-            overrides = {"resize_mode": args.resize_mode, "image_size": args.image_size}
-            summary = download(
-                args.dataset,
-                args.data_root,
-                input_file=args.input,
-                manifest=args.manifest,
-                overrides=overrides,
-                options=options,
-            )
-    except ConfigError as exc:
-        logger.error("%s", exc)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        logger.error("interrupted: finished shards are kept; run the same command again to resume")
-        return EXIT_INTERRUPTED
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    setup_console(debug=args.debug)
+    return run_command(lambda: _download_command(args), (ConfigError,), "finished shards are kept; " + RESUME)
+
+
+RESUME = "run the same command again to resume"
+
+
+def _download_command(args: argparse.Namespace) -> int:
+    if args.summary:
+        env = {**os.environ, "DATA_ROOT": args.data_root, "LABELS_ROOT": "-"}
+        folder, _ = shard_folder(load_manifest(args.manifest or args.dataset, env=env))
+        summary = read_download_summary(folder) or DownloadSummary(folder)
+    else:
+        options = DownloadOptions(
+            args.processes, args.threads, args.timeout, args.retries, args.samples_per_shard
+        )
+        overrides = {"resize_mode": args.resize_mode, "image_size": args.image_size}
+        summary = download(
+            args.dataset,
+            args.data_root,
+            input_file=args.input,
+            manifest=args.manifest,
+            overrides=overrides,
+            options=options,
+        )
     print(format_download_summary(summary))
     if summary.complete and summary.total("successes") > 0:
         print(f"next: make labels DATASET={args.dataset} DATA_ROOT={args.data_root}")
         return EXIT_OK
-    print("not complete: run the same command again to resume (finished shards are kept)")
+    print(f"not complete: {RESUME} (finished shards are kept)")
     return EXIT_FAILURES
 
 

@@ -1,15 +1,19 @@
 """Turning samples into output samples: decode once, fan out to every expert, encode members.
 
-This module owns the per-sample logic shared by every runner. It knows nothing about where experts
-run: it calls ``ExpertHandle`` objects, which are experts in this process or proxies to Ray actors.
+This module owns the per-sample logic and the labelling loop shared by every runner. It knows
+nothing about where experts run: it submits batches to an ``ExpertExecutor`` (``LocalExecutor``:
+experts in this process; the Ray runner's executor: expert actors).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,7 +32,7 @@ _ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")
 
 
 class ExpertHandle(Protocol):
-    """What the labeler needs from an expert, wherever it runs."""
+    """An expert in this process, as ``LocalExecutor`` calls it (``expert_zoo.base.Expert``)."""
 
     spec: ExpertSpec
 
@@ -161,53 +165,149 @@ def stored_label(item: WorkItem, task: str) -> Label | None:
     return Label(decode_png(png), json.loads(data) if data is not None else None)
 
 
-class Labeler:
-    """Runs experts over work items in batches and records each expert's per-sample outcome."""
+class ExpertExecutor(Protocol):
+    """Where expert calls run: in this process (``LocalExecutor``) or on Ray actors.
 
-    def __init__(self, experts: Mapping[str, ExpertHandle], batch_size: int | None = None) -> None:
-        self.experts = order_by_dependencies(experts)
-        self.fingerprints = {task: handle.fingerprint() for task, handle in self.experts.items()}
-        self.batch_sizes = {t: batch_size or h.spec.batch_size for t, h in self.experts.items()}
+    The labeler decides *what* runs (batches, dependency order, retries); an executor only runs one
+    batch of one expert and encodes its labels. ``batch_sizes`` holds each expert's forward batch
+    (docs/ARCHITECTURE.md, "Batch sizes").
+    """
+
+    specs: Mapping[str, ExpertSpec]
+    fingerprints: Mapping[str, str]
+    batch_sizes: Mapping[str, int]
+
+    def chunk(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]:
+        """Scope of one chunk: every batch submitted inside it takes its images from ``images``."""
+        ...
+
+    def submit(
+        self, task: str, images: list[np.ndarray], deps: dict[str, list[Label]]
+    ) -> Future[list[Label]]: ...
+
+    def encode(self, task: str, label: Label) -> dict[str, bytes]: ...
+
+
+class LocalExecutor:
+    """Experts in this process, called one batch at a time as they are submitted."""
+
+    def __init__(self, experts: Mapping[str, ExpertHandle]) -> None:
+        self.experts = dict(experts)
+        self.specs = {task: expert.spec for task, expert in self.experts.items()}
+        self.fingerprints = {task: expert.fingerprint() for task, expert in self.experts.items()}
+        # An Expert's batch_size is its option, else its default for its device; plain handles have a spec.
+        self.batch_sizes = {
+            task: int(getattr(expert, "batch_size", None) or expert.spec.batch_size)
+            for task, expert in self.experts.items()
+        }
+
+    def chunk(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def submit(
+        self, task: str, images: list[np.ndarray], deps: dict[str, list[Label]]
+    ) -> Future[list[Label]]:
+        future: Future[list[Label]] = Future()
+        try:
+            future.set_result(self.experts[task](images, deps))
+        except Exception as exc:  # noqa: BLE001 - handed to the labeler, which isolates the sample(s)
+            # Without its traceback: the frames of a failed forward would keep its tensors alive
+            # while the labeler retries the batch in smaller parts.
+            future.set_exception(exc.with_traceback(None))
+        return future
+
+    def encode(self, task: str, label: Label) -> dict[str, bytes]:
+        return self.experts[task].encode(label)
+
+
+@dataclass
+class _Call:
+    task: str
+    items: list[WorkItem]
+    result: Future[list[Label]]
+
+
+class Labeler:
+    """Runs experts over work items and records each expert's per-sample outcome.
+
+    The one labelling loop of every runner: each expert gets the decoded chunk in its own forward
+    batch, in dependency order (independent experts' batches are all submitted before any result is
+    awaited, so an executor may run them at once); a batch that raises is retried one sample at a time
+    (only the failing sample records the error), and one that runs out of memory in halves, with
+    that expert's later batches halved too, down to 1.
+    """
+
+    def __init__(self, experts: ExpertExecutor | Mapping[str, ExpertHandle]) -> None:
+        self.executor = LocalExecutor(experts) if isinstance(experts, Mapping) else experts
+        self.specs = {task: self.executor.specs[task] for task in order_by_dependencies(self.executor.specs)}
+        self.fingerprints = {task: self.executor.fingerprints[task] for task in self.specs}
+        self.batch_sizes = {task: self.executor.batch_sizes[task] for task in self.specs}
 
     @property
     def chunk_size(self) -> int:
+        """Images decoded and labelled together: enough for the largest forward batch."""
         return max(self.batch_sizes.values())
 
     def label(self, items: Sequence[WorkItem], tasks: Sequence[str] | None = None) -> None:
         """Compute ``tasks`` (default: all) for the decoded items, in dependency order."""
-        for task in tasks or list(self.experts):
-            for item in items:
-                drop_task(item, task)
-            ready = [item for item in items if item.image is not None]
-            for start in range(0, len(ready), self.batch_sizes[task]):
-                self._run_batch(task, ready[start : start + self.batch_sizes[task]])
+        wanted = [task for task in self.specs if tasks is None or task in tasks]
+        with self.executor.chunk([item.image.array for item in items if item.image is not None]):
+            for level in dependency_levels(wanted, self.specs):
+                for task in level:
+                    for item in items:
+                        drop_task(item, task)
+                ready = [item for item in items if item.image is not None]
+                calls = [
+                    self._submit(task, part)
+                    for task in level
+                    for part in _parts(ready, self.batch_sizes[task])
+                ]
+                for call in calls:
+                    if call is not None:
+                        self._settle(call)
         for item in items:
             self._finish(item)
 
-    def _run_batch(self, task: str, batch: list[WorkItem]) -> None:
-        handle = self.experts[task]
+    def _submit(self, task: str, batch: list[WorkItem]) -> _Call | None:
         deps, runnable = self._dependencies(task, batch)
         if not runnable:
-            return
-        images = [item.image.array for item in runnable]
+            return None
+        images = [item.image.array for item in runnable if item.image is not None]
+        return _Call(task, runnable, self.executor.submit(task, images, deps))
+
+    def _settle(self, call: _Call) -> None:
         try:
-            labels = handle(images, deps)
+            labels = call.result.result()
         except Exception as exc:  # noqa: BLE001 - isolate the sample(s) that break the expert
-            if len(runnable) == 1:
-                self._record_error(task, runnable[0], exc)
-                return
-            logger.warning("%s failed on a batch of %d (%s); retrying one by one", task, len(runnable), exc)
-            for item in runnable:
-                self._run_batch(task, [item])
+            self._retry(call, exc)
             return
-        for item, label in zip(runnable, labels):
-            self._store(task, item, label)
+        for item, label in zip(call.items, labels):
+            self._store(call.task, item, label)
+
+    def _retry(self, call: _Call, exc: Exception) -> None:
+        if len(call.items) == 1:
+            self._record_error(call.task, call.items[0], exc)
+            return
+        for part in _parts(call.items, self._retry_size(call.task, len(call.items), exc)):
+            retry = self._submit(call.task, part)
+            if retry is not None:
+                self._settle(retry)
+
+    def _retry_size(self, task: str, size: int, exc: Exception) -> int:
+        """How to split a failed batch: in halves after out of memory (later batches too), else 1 by 1."""
+        if not is_out_of_memory(exc):
+            logger.warning("%s failed on a batch of %d (%s); retrying one by one", task, size, exc)
+            return 1
+        half = max(1, size // 2)
+        self.batch_sizes[task] = min(self.batch_sizes[task], half)
+        logger.warning("%s: out of memory on a batch of %d; batches of %d from now on", task, size, half)
+        return half
 
     def _dependencies(
         self, task: str, batch: list[WorkItem]
     ) -> tuple[dict[str, list[Label]], list[WorkItem]]:
         """Labels of required tasks for each item; items whose dependency failed are marked failed."""
-        requires = self.experts[task].spec.requires
+        requires = self.specs[task].requires
         runnable = []
         for item in batch:
             for dep in requires:  # a dependency from an earlier run is decoded once, then kept
@@ -223,7 +323,7 @@ class Labeler:
 
     def _store(self, task: str, item: WorkItem, label: Label) -> None:
         item.labels[task] = label
-        for ext, data in self.experts[task].encode(label).items():
+        for ext, data in self.executor.encode(task, label).items():
             item.members[f"{task}.{ext}"] = data
         item.meta["experts"][task] = {"status": "ok", "fingerprint": self.fingerprints[task]}
 
@@ -245,25 +345,53 @@ class Labeler:
         item.image = None
 
 
-def order_by_dependencies(experts: Mapping[str, ExpertHandle]) -> dict[str, ExpertHandle]:
-    """Experts in an order where every required task comes first (required tasks may be absent:
+def _parts(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An accelerator (or host) out-of-memory error: torch's ``OutOfMemoryError`` or its message."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+
+
+def order_by_dependencies(specs: Mapping[str, ExpertSpec]) -> list[str]:
+    """Tasks in an order where every required task comes first (required tasks may be absent:
     they are then read from the existing shard)."""
-    ordered: dict[str, ExpertHandle] = {}
+    ordered: list[str] = []
     visiting: set[str] = set()
 
     def visit(task: str) -> None:
-        if task in ordered or task not in experts:
+        if task in ordered or task not in specs:
             return
         if task in visiting:
             raise ValueError(f"expert dependency cycle through {task!r}")
         visiting.add(task)
-        for dep in experts[task].spec.requires:
+        for dep in specs[task].requires:
             visit(dep)
-        ordered[task] = experts[task]
+        ordered.append(task)
 
-    for task in sorted(experts):
+    for task in sorted(specs):
         visit(task)
     return ordered
+
+
+def dependency_levels(tasks: Sequence[str], specs: Mapping[str, ExpertSpec]) -> list[list[str]]:
+    """``tasks`` grouped by dependency depth (within ``tasks``), keeping their order inside a level."""
+    wanted = set(tasks)
+    depth: dict[str, int] = {}
+
+    def level_of(task: str) -> int:
+        if task not in depth:
+            requires = [dep for dep in specs[task].requires if dep in wanted]
+            depth[task] = 1 + max((level_of(dep) for dep in requires), default=-1)
+        return depth[task]
+
+    levels: dict[int, list[str]] = {}
+    for task in tasks:
+        levels.setdefault(level_of(task), []).append(task)
+    return [levels[key] for key in sorted(levels)]
 
 
 def chunked(items: Iterable[Any], size: int, budget: PixelBudget | None = None) -> Iterator[list[Any]]:

@@ -1,8 +1,8 @@
-"""Logging for the command line: one line per problem on the terminal, full detail in a log file.
+"""A run's log file: full detail, tracebacks included, in ``OUT/logs/``.
 
 Expected failures (a bad sample, a missing input shard, a shard that failed) are logged with their
-traceback; the terminal shows only the message unless ``--debug`` is given, while the run's log file
-in ``OUT/logs/`` keeps every traceback for later.
+traceback; the terminal shows only the message unless ``--debug`` is given (``core.entry``), while
+the run's log file keeps every traceback for later.
 """
 
 from __future__ import annotations
@@ -16,31 +16,8 @@ import fsspec
 
 from label_pipeline.inputs import is_local
 
-CONSOLE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 logger = logging.getLogger(__name__)
-
-
-class OneLineFormatter(logging.Formatter):
-    """Drops tracebacks from the terminal; the file handler still gets them."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info or record.exc_text or record.stack_info:
-            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
-            record.stack_info = None
-        return super().format(record)
-
-
-def setup_console(verbose: bool = False, debug: bool = False) -> None:
-    """Configure the root logger for a CLI process (idempotent: replaces our earlier handler)."""
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_label_pipeline_console", False)]:
-        root.removeHandler(handler)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(CONSOLE_FORMAT) if debug else OneLineFormatter(CONSOLE_FORMAT))
-    handler._label_pipeline_console = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if (verbose or debug) else logging.INFO)
 
 
 class RunLog:

@@ -22,10 +22,11 @@ from dataclasses import dataclass, replace
 import fsspec
 
 from label_pipeline.config import ConfigError, Manifest, load_manifest
+from label_pipeline.core.entry import EXIT_FAILURES, EXIT_OK, run_command, setup_console
 from label_pipeline.sources import build_source
 
 logger = logging.getLogger("label_pipeline.prepare")
-EXIT_OK, EXIT_MISSING, EXIT_USAGE = 0, 1, 2
+EXIT_MISSING = EXIT_FAILURES  # files are missing or incomplete
 SPOT_CHECK = 200  # images looked up, spread evenly over the annotation entries
 
 
@@ -217,20 +218,21 @@ def prepare(dataset: str, data_root: str, manifest_name: str | None = None) -> t
     return EXIT_OK, lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m label_pipeline.prepare", description=__doc__.splitlines()[0]
+        prog=prog or "python -m label_pipeline.prepare", description=__doc__.splitlines()[0]
     )
     parser.add_argument("dataset", choices=sorted(EXPECTED))
     parser.add_argument("--data-root", default=os.environ.get("DATA_ROOT") or "data")
     parser.add_argument("--manifest", help="a manifest path (default: manifests/DATASET.yaml)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on the terminal")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        code, lines = prepare(args.dataset, args.data_root, args.manifest)
-    except (ConfigError, OSError, ValueError, KeyError) as exc:
-        logger.error("%s", exc)
-        return EXIT_USAGE
+    setup_console(debug=args.debug)
+    return run_command(lambda: _prepare_command(args), (ConfigError, OSError, ValueError, KeyError))
+
+
+def _prepare_command(args: argparse.Namespace) -> int:
+    code, lines = prepare(args.dataset, args.data_root, args.manifest)
     print("\n".join(lines))
     return code
 

@@ -139,6 +139,7 @@ def expert_entries(
     ``weights`` maps a task to its expert's ``weights_digest``, where the runner knows it.
     """
     options = {request.task: request.options for request in manifest.experts}
+    targets = {request.task: request.target for request in manifest.experts if request.target}
     entries = {}
     for task in fingerprints:
         entry = {"name": names[task], "fingerprint": fingerprints[task], "options": options.get(task, {})}
@@ -147,6 +148,8 @@ def expert_entries(
             entry["version"] = version
         if weights and weights.get(task):
             entry["weights"] = weights[task]
+        if task in targets:  # a plugin: ``verify --repair`` needs its class to label again
+            entry["class"] = targets[task]
         entries[task] = entry
     return entries
 

@@ -305,6 +305,7 @@ def recorded_manifest(store: OutputStore, root: str) -> Manifest:
     try:
         experts = [
             {"name": info["name"], "options": info.get("options") or {}}
+            | ({"class": info["class"]} if info.get("class") else {})
             for _, info in sorted(run["experts"].items())
         ]
         data: dict[str, Any] = {

@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from label_pipeline.core.entry import run_command, setup_console
 from prismer_trainer.config import PRESETS
 from prismer_trainer.configs import PARALLEL, PRECISIONS, STAGES, stage_config
 
 logger = logging.getLogger("prismer_trainer")
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
 
 # Flags that set a TrainConfig field directly.
 _OVERRIDES = {
@@ -41,8 +43,11 @@ _OVERRIDES = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m prismer_trainer", description=__doc__.split("\n")[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m prismer_trainer", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on the terminal")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train Prismer on label shards")
@@ -165,23 +170,16 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(
-        level=logging.INFO if main_rank else logging.WARNING,
-        format="%(asctime)s %(levelname).1s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-    )
+    setup_console(debug=args.debug, quiet=not main_rank, fmt=LOG_FORMAT, stream=sys.stdout)
     from prismer_trainer.loader import TokenizerUnavailable
     from prismer_trainer.model import PretrainedUnavailable
 
-    try:
-        return run_train(args) if args.command == "train" else run_eval(args)
-    except (TokenizerUnavailable, PretrainedUnavailable, FileNotFoundError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
+    usage_errors = (TokenizerUnavailable, PretrainedUnavailable, FileNotFoundError, ValueError)
+    command = run_train if args.command == "train" else run_eval
+    return run_command(lambda: command(args), usage_errors, "checkpoints are kept; rerun to resume")
 
 
 if __name__ == "__main__":

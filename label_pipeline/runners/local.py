@@ -6,7 +6,7 @@ import logging
 
 from expert_zoo.registry import resolve_experts, resolve_name
 from label_pipeline.config import Manifest
-from label_pipeline.labeler import Labeler
+from label_pipeline.labeler import Labeler, LocalExecutor
 from label_pipeline.progress import Progress
 from label_pipeline.run import RunOptions, RunSummary, check_inputs, finish_run, prepare_run
 from label_pipeline.shard_job import run_shard
@@ -25,10 +25,11 @@ def run_local(
 ) -> RunSummary:
     inputs = check_inputs(manifest, options)  # before loading any weights
     experts = build_experts(manifest, device=device)
-    labeler = Labeler(experts, batch_size=manifest.batch_size)
+    executor = LocalExecutor(experts)
     names = {request.task: resolve_name(request) for request in manifest.experts}
     weights = {task: expert.weights_digest for task, expert in experts.items()}
-    prepared = prepare_run(manifest, options, names, labeler.fingerprints, inputs, weights)
+    prepared = prepare_run(manifest, options, names, executor.fingerprints, inputs, weights)
+    labeler = Labeler(executor)
     bar = Progress(len(prepared.plans), enabled=progress)
     try:
         for plan in prepared.plans:

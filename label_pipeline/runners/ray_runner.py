@@ -58,7 +58,7 @@ from label_pipeline.runners.ray_planner import (
 )
 from label_pipeline.runners.ray_stats import LiveView, RunStats, monitor_snapshot
 from label_pipeline.shard_job import ShardPlan, ShardResult
-from label_pipeline.signals import install_sigterm_handler
+from label_pipeline.core.signals import install_sigterm_handler
 
 logger = logging.getLogger(__name__)
 CANCEL_GRACE_S = 30.0

@@ -1,7 +1,8 @@
 """Observability of a Ray run: the live progress view and the per-run statistics file.
 
-The numbers come from the ``RunMonitor`` actor (fed by the expert proxies) and from the actors'
-placement; ``label-pipeline status`` summarises the newest ``OUT/stats/ray-*.json``.
+The numbers come from the ``RunMonitor`` actor (fed by the shard tasks' executors) and from a
+``ClusterView`` of the actors the driver hands over; ``label-pipeline status`` summarises the newest
+``OUT/stats/ray-*.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -20,12 +21,25 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from label_pipeline.format import encode_json
 from label_pipeline.progress import Progress
 from label_pipeline.run import PreparedRun
-from label_pipeline.runners.ray_planner import ReplicaPlan
-
-if TYPE_CHECKING:
-    from label_pipeline.runners.ray_runner import ExpertGroup
+from label_pipeline.runners.ray_planner import Placement, ReplicaPlan
 
 logger = logging.getLogger(__name__)
+
+
+REPLICA_FIELDS = ("node", "pid", "gpu_ids", "cuda_visible_devices", "device")
+
+
+@dataclass
+class ClusterView:
+    """The run's actors as the statistics see them: a snapshot the driver makes."""
+
+    gpus: float
+    cpus: float
+    placements: dict[str, Placement]
+    replicas: dict[str, list[dict[str, Any]]]  # task → one ``REPLICA_FIELDS`` dict per replica
+
+    def gpu_ids(self, task: str) -> str:
+        return ",".join(g for r in self.replicas[task] for g in r.get("gpu_ids", [])) or "cpu"
 
 
 def monitor_snapshot(monitor: Any) -> dict[str, Any]:
@@ -39,28 +53,29 @@ def monitor_snapshot(monitor: Any) -> dict[str, Any]:
 class LiveView:
     """A shard bar (samples/s, ETA) plus a periodic per-expert line: throughput, queue, busy, GPUs."""
 
-    def __init__(self, total: int, experts: ExpertGroup, interval: float, enabled: bool) -> None:
+    def __init__(self, total: int, interval: float, enabled: bool) -> None:
         self.bar = Progress(total, enabled=enabled)
-        self.experts, self.interval, self.enabled = experts, interval, enabled
+        self.interval, self.enabled = interval, enabled
         self.last = time.monotonic()
         self.previous: dict[str, int] = {}
 
     def shard_done(self, samples: int) -> None:
         self.bar.shard_done(samples)
 
-    def tick(self, snapshot: dict[str, Any], running: int, pending: int) -> None:
+    def tick(self, snapshot: dict[str, Any], cluster: ClusterView, running: int, pending: int) -> None:
         now = time.monotonic()
         if not self.enabled or now - self.last < self.interval:
             return
         parts = []
         for task, counters in snapshot.get("experts", {}).items():
-            replicas = self.experts.replicas[task]
+            count = len(cluster.replicas[task])
             rate = (counters["images"] - self.previous.get(task, 0)) / (now - self.last)
             self.previous[task] = counters["images"]
-            busy = counters["busy_s"] / max(snapshot["elapsed_s"] * len(replicas), 1e-9)
-            gpus = ",".join(g for r in replicas for g in r.info.get("gpu_ids", [])) or "cpu"
-            queued = counters["queued"]
-            parts.append(f"{task} x{len(replicas)} [GPU {gpus}] {rate:.1f} img/s q={queued} busy {busy:.0%}")
+            busy = counters["busy_s"] / max(snapshot["elapsed_s"] * count, 1e-9)
+            parts.append(
+                f"{task} x{count} [GPU {cluster.gpu_ids(task)}] {rate:.1f} img/s q={counters['queued']} "
+                f"busy {busy:.0%}"
+            )
         logger.info("shards running %d, waiting %d | %s", running, pending, " | ".join(parts))
         self.last = now
 
@@ -72,7 +87,7 @@ class LiveView:
 class RunStats:
     """What ``OUT/stats/ray-{time}-{id}.json`` holds; statistics never decide what is done."""
 
-    experts: ExpertGroup
+    cluster: ClusterView
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
@@ -93,7 +108,7 @@ class RunStats:
             "run_id": self.run_id,
             "created": self.created,
             "status": self.status,
-            "cluster": {"GPU": self.experts.gpus, "CPU": self.experts.cpus},
+            "cluster": {"GPU": self.cluster.gpus, "CPU": self.cluster.cpus},
             "shards": {
                 "planned": len(prepared.plans),
                 "labelled": len(prepared.summary.results),
@@ -110,28 +125,18 @@ class RunStats:
             else round(predicted, 3),
             "bottleneck": self.plan.bottleneck if self.plan else None,
             "cpu_stage": self.monitor.get("cpu", {}),
-            "experts": {task: self._expert(task, elapsed) for task in self.experts.placements},
+            "experts": {task: self._expert(task, elapsed) for task in self.cluster.placements},
         }
 
     def _expert(self, task: str, elapsed: float) -> dict[str, Any]:
         counters = self.monitor.get("experts", {}).get(task, {})
         replicas = []
-        for replica in self.experts.replicas[task]:
-            busy = counters.get("busy_by_replica", {}).get(str(replica.index), 0.0)
-            replicas.append(
-                {
-                    "replica": replica.index,
-                    "node": replica.info.get("node"),
-                    "pid": replica.info.get("pid"),
-                    "gpu_ids": replica.info.get("gpu_ids", []),
-                    "cuda_visible_devices": replica.info.get("cuda_visible_devices"),
-                    "device": replica.info.get("device"),
-                    "busy_s": busy,
-                    "busy_fraction": round(busy / elapsed, 4) if elapsed else None,
-                }
-            )
+        for index, replica in enumerate(self.cluster.replicas[task]):
+            busy = counters.get("busy_by_replica", {}).get(str(index), 0.0)
+            fraction = round(busy / elapsed, 4) if elapsed else None
+            replicas.append({"replica": index, **replica, "busy_s": busy, "busy_fraction": fraction})
         return {
-            "placement": asdict(self.experts.placements[task]),
+            "placement": asdict(self.cluster.placements[task]),
             "images_per_s": round(counters.get("images", 0) / elapsed, 3) if elapsed else None,
             **counters,
             "replicas": replicas,

@@ -1,0 +1,223 @@
+"""What runs in a Ray shard task: the core's ``run_shard``, with a ``Labeler`` whose executor is the
+expert actors.
+
+``RayExecutor`` is an ``ExpertExecutor``: each chunk is put into the object store once and every
+batch of every expert refers to it (no copy per expert); batches go to the replica with the fewest
+outstanding from this task, in parallel across experts. Its own job is fault handling: a batch whose
+actor died is resubmitted (Ray restarts the actor); the restarted actor's crash ledger tells whether
+that batch killed it, and a batch that killed it ``quarantine_after`` times fails with
+``ExpertCrashed``, which the labeler isolates down to the one sample (recorded in its json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from expert_zoo.base import Expert, ExpertSpec, Label
+from label_pipeline.config import DecodeConfig
+from label_pipeline.labeler import Labeler, is_out_of_memory
+from label_pipeline.output import OutputStore
+from label_pipeline.shard_job import ShardPlan, ShardResult, run_shard
+from label_pipeline.sources.base import Source
+
+logger = logging.getLogger(__name__)
+MAX_INNOCENT_RESUBMITS = 20  # a batch that keeps dying behind other killers gives up the shard
+
+
+class ExpertCrashed(RuntimeError):
+    """The expert's process died repeatedly while labelling this batch."""
+
+
+class ShardInterrupted(BaseException):
+    """The cluster, not the samples, failed (actors gone) or the run was stopped: abandon the shard
+    instead of recording per-sample errors. A BaseException so the labeler lets it through."""
+
+
+@dataclass
+class RemoteExpert:
+    """One expert as a shard task sees it: what the labeler needs, and its replicas' actor handles."""
+
+    cls: type[Expert]  # for ``encode``, which depends only on the spec and runs here, on the CPU
+    spec: ExpertSpec
+    fingerprint: str
+    batch_size: int
+    actors: list[Any]
+
+
+@dataclass
+class ShardContext:
+    """What a shard task needs besides its plan and the source; replaced when replicas are added."""
+
+    output: str
+    decode: DecodeConfig
+    experts: dict[str, RemoteExpert]
+    monitor: Any
+    quarantine_after: int = 2
+    actor_start_timeout_s: float = 600.0
+
+
+def label_shard(plan: ShardPlan, source: Source, context: ShardContext) -> ShardResult:
+    """The CPU task: one shard through the core's ``run_shard`` (commit included)."""
+    executor = RayExecutor(context)
+    try:
+        return run_shard(plan, source, OutputStore(context.output), Labeler(executor), context.decode)
+    except ShardInterrupted as exc:
+        raise RuntimeError(f"shard {plan.shard.shard_id} abandoned: {exc}") from None
+    finally:
+        executor.close()
+
+
+class ChunkContext:
+    """The chunk being labelled in this shard task: one object-store reference for all experts."""
+
+    def __init__(self) -> None:
+        self.ref: ray.ObjectRef | None = None
+        self.index: dict[int, int] = {}
+
+    def share(self, arrays: Sequence[np.ndarray]) -> None:
+        self.ref = ray.put(list(arrays)) if arrays else None
+        self.index = {id(array): position for position, array in enumerate(arrays)}
+
+    def clear(self) -> None:
+        self.ref, self.index = None, {}
+
+    def locate(self, images: Sequence[np.ndarray]) -> tuple[ray.ObjectRef, list[int]]:
+        """(reference, positions) for images of the current chunk; anything else is put on its own."""
+        positions = [self.index.get(id(image)) for image in images]
+        if self.ref is not None and None not in positions:
+            return self.ref, positions  # type: ignore[return-value]
+        return ray.put(list(images)), list(range(len(images)))
+
+
+@dataclass
+class _Replicas:
+    """This task's view of one expert's replicas: batches outstanding, and those found gone."""
+
+    outstanding: list[int]
+    dead: set[int] = field(default_factory=set)
+    turn: int = 0
+
+
+class RayExecutor:
+    """The labeler's executor in a shard task: expert calls go to the experts' actors."""
+
+    def __init__(self, context: ShardContext) -> None:
+        self.context, self.monitor = context, context.monitor
+        self.specs = {task: e.spec for task, e in context.experts.items()}
+        self.fingerprints = {task: e.fingerprint for task, e in context.experts.items()}
+        self.batch_sizes = {task: e.batch_size for task, e in context.experts.items()}
+        self.encoders = {
+            task: (e.cls.encode, SimpleNamespace(spec=e.spec)) for task, e in context.experts.items()
+        }
+        self.replicas = {task: _Replicas([0] * len(e.actors)) for task, e in context.experts.items()}
+        self.shared = ChunkContext()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="expert-call")
+        self.cpu_mark = time.process_time()
+
+    @contextlib.contextmanager
+    def chunk(self, images: Sequence[np.ndarray]) -> Iterator[None]:
+        if ray.get(self.monitor.stopping.remote()):
+            raise ShardInterrupted("the run was stopped")
+        self.shared.share(images)
+        try:
+            yield
+        finally:
+            self.shared.clear()
+        # This process's CPU time for the chunk (all threads: read-ahead decode, encoding, tar
+        # writing): the planner's measure of the CPU stage.
+        now = time.process_time()
+        self.monitor.cpu.remote(len(images), now - self.cpu_mark)
+        self.cpu_mark = now
+
+    def submit(
+        self, task: str, images: list[np.ndarray], deps: dict[str, list[Label]]
+    ) -> Future[list[Label]]:
+        ref, positions = self.shared.locate(images)
+        return self.pool.submit(self._call, task, ref, positions, deps)
+
+    def encode(self, task: str, label: Label) -> dict[str, bytes]:
+        encode, owner = self.encoders[task]
+        return encode(owner, label)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # one batch on one replica, with crash attribution ------------------------------------------
+    def _call(self, task: str, ref: Any, positions: list[int], deps: dict[str, list[Label]]) -> list[Label]:
+        batch_id, size = uuid.uuid4().hex, len(positions)
+        for _ in range(MAX_INNOCENT_RESUBMITS + 1):
+            replica = self._pick(task)
+            actor = self.context.experts[task].actors[replica]
+            self.monitor.submitted.remote(task, replica)
+            started = time.perf_counter()
+            try:
+                labels, compute_s = ray.get(actor.predict.remote(ref, positions, deps, batch_id))
+            except RayTaskError as exc:  # the expert raised: hand its own exception to the labeler
+                self._done(task, replica, size, started, None)
+                cause = exc.cause if isinstance(exc.cause, Exception) else RuntimeError(str(exc))
+                if size > 1 and is_out_of_memory(cause):
+                    self.monitor.event.remote(task, "oom_splits")  # the labeler splits the batch
+                raise cause from None
+            except RayActorError:
+                self._done(task, replica, size, started, None)
+                kills = self._kills(task, replica, batch_id)
+                if kills is None or kills < self.context.quarantine_after:
+                    self.monitor.event.remote(task, "resubmitted")
+                    continue  # it died running someone else's batch (or the node died): run ours again
+                self.monitor.event.remote(task, "crashes")
+                if size == 1:
+                    self.monitor.event.remote(task, "quarantined")
+                what = "sample; quarantined" if size == 1 else "batch"
+                raise ExpertCrashed(
+                    f"the {task} expert's process died {kills} times while labelling this {what}"
+                ) from None
+            except RayError as exc:  # e.g. the chunk's object was lost: not the samples' fault
+                self._done(task, replica, size, started, None)
+                raise ShardInterrupted(f"{task}: {type(exc).__name__}: {exc}") from None
+            self._done(task, replica, size, started, compute_s)
+            return labels
+        raise ShardInterrupted(f"{task}: a batch was resubmitted {MAX_INNOCENT_RESUBMITS} times")
+
+    def _pick(self, task: str) -> int:
+        """The live replica with the fewest batches outstanding from this task (ties in turn)."""
+        state = self.replicas[task]
+        count = len(state.outstanding)
+        with self.lock:
+            live = [r for r in range(count) if r not in state.dead]
+            if not live:
+                raise ShardInterrupted(f"every replica of the {task} expert is gone")
+            state.turn += 1
+            replica = min(live, key=lambda r: (state.outstanding[r], (r - state.turn) % count))
+            state.outstanding[replica] += 1
+            return replica
+
+    def _done(self, task: str, replica: int, images: int, started: float, compute_s: float | None) -> None:
+        with self.lock:
+            self.replicas[task].outstanding[replica] -= 1
+        roundtrip = time.perf_counter() - started
+        self.monitor.finished.remote(task, replica, images, roundtrip, compute_s)
+
+    def _kills(self, task: str, replica: int, batch_id: str) -> int | None:
+        """Ask the (restarted) replica how often ``batch_id`` killed it; None if it stays gone."""
+        actor = self.context.experts[task].actors[replica]
+        try:
+            return ray.get(actor.kills.remote(batch_id), timeout=self.context.actor_start_timeout_s)
+        except (RayActorError, GetTimeoutError):
+            logger.warning("%s replica %d is gone", task, replica)
+            with self.lock:
+                self.replicas[task].dead.add(replica)
+            return None
