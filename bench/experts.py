@@ -316,21 +316,16 @@ def _timed(method: Callable[..., Any], clock: ForwardClock) -> Callable[..., Any
 
 @contextlib.contextmanager
 def forced_autocast(expert: Expert, dtype: str) -> Iterator[None]:
-    """Make the expert's ``inference(...)`` use ``dtype`` (experts import it into their own module)."""
+    """Make the expert's forward run at ``dtype`` (a neural expert's ``inference()`` reads ``dtype``)."""
     if dtype == "auto":
         yield
         return
-    module = sys.modules[type(expert).__module__]
-    original = module.inference
-
-    def inference(device: torch.device, _requested: str = "auto") -> contextlib.AbstractContextManager:
-        return torch_utils.inference(device, dtype)
-
-    module.inference = inference
+    original = expert.dtype
+    expert.dtype = dtype
     try:
         yield
     finally:
-        module.inference = original
+        expert.dtype = original
 
 
 class PeakMemory:

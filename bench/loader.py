@@ -29,20 +29,13 @@ import torch
 
 from label_pipeline.format import encode_json, encode_png
 from label_pipeline.tario import write_tar
-from prismer_trainer.loader import (
-    CLIP_MEAN,
-    CLIP_STD,
-    AugmentConfig,
-    Example,
-    LabelEmbeddings,
-    SampleDecoder,
-    ShardStream,
-    WordTokenizer,
-    batch_nbytes,
-    dataset_shards,
-    make_loader,
-    to_model_inputs,
-)
+from prismer_trainer.augment import AugmentConfig
+from prismer_trainer.batches import CLIP_MEAN, CLIP_STD, batch_nbytes, to_model_inputs
+from prismer_trainer.embeddings import LabelEmbeddings
+from prismer_trainer.samples import Example, SampleDecoder
+from prismer_trainer.shards import dataset_shards
+from prismer_trainer.stream import BatchStream, make_loader
+from prismer_trainer.text import WordTokenizer
 
 EXPERTS = ("depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection")
 
@@ -142,7 +135,7 @@ def prismer_collate(examples: Sequence[Example], embeddings: LabelEmbeddings, pa
 
 # ------------------------------------------------------------------------------------------------
 def measure(
-    stream: ShardStream, workers: int, batches: int, warmup: int, to_inputs: bool
+    stream: BatchStream, workers: int, batches: int, warmup: int, to_inputs: bool
 ) -> tuple[float, int]:
     """(samples/s over ``batches`` batches after ``warmup``, bytes of one batch)."""
     loader = iter(make_loader(stream, workers))
@@ -183,8 +176,8 @@ def main() -> None:
         tokenizer = WordTokenizer.build(["A synthetic street scene with a sign that says open"])
         decoder = SampleDecoder(EXPERTS, tokenizer, 224, AugmentConfig(crop_scale=(0.5, 1.5)))
 
-        def stream(collate_fn: Any = None) -> ShardStream:
-            return ShardStream(
+        def stream(collate_fn: Any = None) -> BatchStream:
+            return BatchStream(
                 shards, decoder, LabelEmbeddings.hashed(), args.batch_size, train=True, shuffle_buffer=32,
                 collate_fn=collate_fn,
             )  # fmt: skip

@@ -221,23 +221,29 @@ class ExpertSpec:
 
 
 class Expert:
-    """Base class for experts. Subclasses set ``spec`` and implement ``predict``.
+    """Base class for experts. Subclasses set ``spec`` and implement ``predict_batch`` (one forward batch
+    of at most ``batch_size`` images) or, to see the whole list at once, ``predict``.
 
     ``__init__`` loads weights (it is called once per process / actor); ``__call__`` labels a batch.
     ``Options`` declares the backend's options (names, types, defaults); ``config`` holds the options
     as given and is part of the fingerprint, so any option that can change a label must live there.
-    ``opts`` is the same, checked and with defaults filled in.
+    ``opts`` is the same, checked and with defaults filled in. Neural experts subclass
+    :class:`expert_zoo.torch_expert.TorchExpert`, which loads the weights and places the network.
     """
 
     spec: ClassVar[ExpertSpec]
     Options: ClassVar[type[ExpertOptions]] = ExpertOptions
     GPU_BATCH_SIZE: ClassVar[int | None] = None  # preferred images per forward on CUDA (Prismer's sizes)
+    # Options whose defaults enter ``config`` (and so the fingerprint) even when not given: the experts
+    # that always fingerprinted them keep their fingerprints.
+    FINGERPRINTED_DEFAULTS: ClassVar[tuple[str, ...]] = ()
     torch_device: Any = None  # the resolved torch device, set by experts that run a network
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
-        self.config = dict(config or {})
+        given = dict(config or {})
         # Checked again here (the registry checks first) so a directly built expert is checked too.
-        self.opts = self.check_options(self.config, "options")
+        self.opts = self.check_options(given, "options")
+        self.config = {**{name: getattr(self.opts, name) for name in self.FINGERPRINTED_DEFAULTS}, **given}
         self.device = device
         self.weights_digest = ""  # subclasses that load weights set the sha256 of what they loaded
 
@@ -258,6 +264,10 @@ class Expert:
         missing = [t for t in self.spec.requires if t not in deps]
         if missing:
             raise ValueError(f"{self.spec.name} needs labels from {missing} in the same pass")
+        for task in self.spec.requires:
+            if len(deps[task]) != len(images):
+                count = len(deps[task])
+                raise ValueError(f"{self.spec.name} got {count} {task} labels for {len(images)} images")
         labels = self.predict(list(images), deps)
         if len(labels) != len(images):
             raise RuntimeError(f"{self.spec.name} returned {len(labels)} labels for {len(images)} images")
@@ -268,7 +278,21 @@ class Expert:
         return labels
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        raise NotImplementedError
+        """Labels for ``images``, one ``predict_batch`` per forward batch (``deps`` split alongside)."""
+        by_task = {task: list(task_labels) for task, task_labels in deps.items()}
+        labels: list[Label] = []
+        for part in self.forward_slices(len(images)):
+            labels.extend(self.predict_batch(images[part], {task: d[part] for task, d in by_task.items()}))
+        return labels
+
+    def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
+        """Labels for at most ``batch_size`` images, and the same number of labels per task in ``deps``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict_batch or predict")
+
+    def forward_slices(self, count: int) -> list[slice]:
+        """``count`` items cut into forward batches of ``batch_size`` (the last one may be shorter)."""
+        size = self.batch_size
+        return [slice(start, start + size) for start in range(0, count, size)]
 
     @property
     def batch_size(self) -> int:

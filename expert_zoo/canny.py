@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from expert_zoo.base import THROUGHPUT_OPTIONS, ConfigError, Expert, ExpertOptions, ExpertSpec, Label
+from expert_zoo.base import ConfigError, Expert, ExpertOptions, ExpertSpec, Label
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,13 @@ class CannyOptions(ExpertOptions):
             raise ConfigError(f"blur_sigma: must be >= 0, got {self.blur_sigma}")
 
 
-# The defaults have always been part of this expert's fingerprint (its config): kept there, unchanged.
-_FINGERPRINTED_DEFAULTS = {k: v for k, v in asdict(CannyOptions()).items() if k not in THROUGHPUT_OPTIONS}
-
-
 class CannyEdge(Expert):
     """Edges at the image's own resolution; stored inverted like Prismer (255 = no edge, 0 = edge)."""
 
     spec = ExpertSpec(task="edge", backend="canny", version="1", mode="L", batch_size=32)
     Options = CannyOptions
-
-    def __init__(self, config: Mapping | None = None, device: str = "cpu") -> None:
-        super().__init__({**_FINGERPRINTED_DEFAULTS, **dict(config or {})}, device)
+    opts: CannyOptions
+    FINGERPRINTED_DEFAULTS = ("low", "high", "blur_sigma")
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
         return [Label(self._edges(image)) for image in images]

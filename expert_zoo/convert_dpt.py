@@ -48,8 +48,6 @@ import torch
 #: Original entries with no transformers counterpart (the ViT's ImageNet classifier, never evaluated).
 UNUSED_ORIGINAL_KEYS = ("pretrained.model.head.weight", "pretrained.model.head.bias")
 
-_VIT = "pretrained.model."
-_BIT_SRC = "pretrained.model.patch_embed.backbone."
 _BIT_DST = "dpt.embeddings.backbone.bit."
 
 

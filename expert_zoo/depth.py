@@ -15,21 +15,17 @@ Weights (``config["weights"]``, resolved by :func:`expert_zoo.weights.resolve_we
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from expert_zoo.base import Expert, ExpertSpec, Label, WeightsOptions
-from expert_zoo.torch_utils import inference, normalized_batch, resize_bilinear_aligned, resolve_device
-
-logger = logging.getLogger(__name__)
+from expert_zoo.base import ExpertSpec, Label, WeightsOptions
+from expert_zoo.torch_expert import TorchExpert, read_state_dict
+from expert_zoo.torch_utils import normalized_batch, resize_bilinear_aligned
 
 DEFAULT_WEIGHTS = "hf-hub:Intel/dpt-hybrid-midas"
 INPUT_SIZE = (480, 480)
@@ -42,7 +38,7 @@ class DPTHybridOptions(WeightsOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-class DPTHybridDepth(Expert):
+class DPTHybridDepth(TorchExpert):
     """``depth:dpt_hybrid``: L8 map of per-image min-max inverse depth (bright = near), Prismer-compatible.
 
     Options: ``weights`` (see module doc), ``sha256`` (checked for single-file weights), ``dtype``
@@ -61,26 +57,14 @@ class DPTHybridDepth(Expert):
     )
     GPU_BATCH_SIZE: ClassVar[int] = 64  # Prismer's
     Options = DPTHybridOptions
+    # No channels_last: the BiT stem is GroupNorm + weight-standardised convs, not measured to gain.
 
-    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
-        super().__init__(config, device)
-        from expert_zoo.weights import loading_weights, resolve_weights
-
-        self.torch_device = resolve_device(device)
-        self.dtype = self.opts.dtype
-        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
-        started = time.perf_counter()
-        with loading_weights(self.spec.name, path):
-            if path.is_dir():
-                self.model, self.weights_digest = _load_transformers_dir(path)
-            else:
-                self.model, self.weights_digest = _load_original_checkpoint(path)
+    def load_model(self, path: Path) -> torch.nn.Module:
         from expert_zoo.convert_dpt import allow_input_size
 
-        allow_input_size(self.model, INPUT_SIZE)
-        # No channels_last: the BiT stem is GroupNorm + weight-standardised convs, not measured to gain.
-        self.model.to(self.torch_device).eval()
-        logger.info("loaded %s from %s in %.1f s", self.spec.name, path, time.perf_counter() - started)
+        model = _load_transformers_dir(path) if path.is_dir() else _load_original_checkpoint(path)
+        allow_input_size(model, INPUT_SIZE)
+        return model
 
     # -- stages, public so tests and the detection expert can reuse them -----------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -90,17 +74,13 @@ class DPTHybridDepth(Expert):
     def inverse_depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """N×3×480×480 normalised input → N×480×480 float32 relative inverse depth (≥ 0, bright = near)."""
         pixel_values = pixel_values.to(self.torch_device)
-        with inference(self.torch_device, self.dtype):
+        with self.inference():
             depth = self.model(pixel_values=pixel_values).predicted_depth
         return depth.float()
 
-    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        labels: list[Label] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            depth = self.inverse_depth(self.preprocess(chunk))
-            labels.extend(Label(map=depth_to_label(d, image.shape[:2])) for d, image in zip(depth, chunk))
-        return labels
+    def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
+        depth = self.inverse_depth(self.preprocess(images))
+        return [Label(map=depth_to_label(d, image.shape[:2])) for d, image in zip(depth, images)]
 
 
 def depth_to_label(depth: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -120,7 +100,7 @@ def depth_to_label(depth: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return (255 * upsampled).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def _load_transformers_dir(path: Path) -> tuple[torch.nn.Module, str]:
+def _load_transformers_dir(path: Path) -> torch.nn.Module:
     from transformers import DPTForDepthEstimation
 
     from expert_zoo._hf import load_pretrained
@@ -128,30 +108,13 @@ def _load_transformers_dir(path: Path) -> tuple[torch.nn.Module, str]:
     model = load_pretrained(DPTForDepthEstimation, path)
     if not model.config.is_hybrid:
         raise ValueError(f"{path} holds a non-hybrid DPT; depth:dpt_hybrid needs a DPT-Hybrid model")
-    return model, _directory_digest(path)
+    return model
 
 
-def _load_original_checkpoint(path: Path) -> tuple[torch.nn.Module, str]:
+def _load_original_checkpoint(path: Path) -> torch.nn.Module:
     from expert_zoo.convert_dpt import build_model
-    from expert_zoo.weights import file_sha256
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} is not a state dict (got {type(checkpoint).__name__})")
-    return build_model(checkpoint), file_sha256(path)
-
-
-def _directory_digest(path: Path) -> str:
-    """sha256 over the config and the weight files transformers loads from a model directory."""
-    weight_files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if not weight_files:
-        raise ValueError(f"no *.safetensors or *.bin weights in {path}")
-    from expert_zoo.weights import file_sha256
-
-    digest = hashlib.sha256()
-    for file in [path / "config.json", *weight_files]:
-        digest.update(f"{file.name}:{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
+    return build_model(read_state_dict(path))
 
 
 __all__ = ["DEFAULT_WEIGHTS", "DPTHybridDepth", "depth_to_label"]

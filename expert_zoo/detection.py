@@ -15,17 +15,18 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_zoo._hf import load_label_names, load_pretrained, model_dir_digest, resolve_model_dir
-from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label, WeightsOptions
+from expert_zoo._hf import load_label_names, load_pretrained
+from expert_zoo.base import ConfigError, ExpertSpec, Label, WeightsOptions
 from expert_zoo.instance_map import DEDUP_IOU, MAX_INSTANCES, depth_ordered_instance_map
-from expert_zoo.torch_utils import inference, resolve_device
-from expert_zoo.weights import loading_weights
+from expert_zoo.torch_expert import TorchExpert
+from expert_zoo.torch_utils import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "pad_value": 0.5,  # OWLv2 pads to a square with grey at the bottom/right
     "max_candidates": 1000,  # top boxes kept for NMS, bounds its cost at low thresholds
 }
-# CLIP's normalisation (transformers' OPENAI_CLIP_MEAN / STD), which OWLv2 was trained with.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _TEXT_CHUNK = 256
 
 
@@ -144,7 +142,7 @@ class OWLv2Options(WeightsOptions):
             raise ConfigError(f"max_candidates: must be >= 1, got {self.max_candidates}")
 
 
-class OWLv2Detection(Expert):
+class OWLv2Detection(TorchExpert):
     """OWLv2 (Minderer et al., NeurIPS 2023), ``owlv2-base-patch16-ensemble``, with Prismer's 722 queries.
 
     Config (defaults in ``DEFAULTS``): ``weights`` (a transformers model dir with its CLIP tokenizer:
@@ -166,26 +164,27 @@ class OWLv2Detection(Expert):
     )
     GPU_BATCH_SIZE: ClassVar[int] = 16
     Options = OWLv2Options
+    opts: OWLv2Options
+    MODEL_DIRECTORY = True
+    _tokenizer: Any  # read by load_model with the weights, used once by __init__ for the queries
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
+        self.image_size = int(self.model.config.vision_config.image_size)
+        self.query_embeds = self._embed_queries(self._tokenizer, class_names())
+        del self._tokenizer
+
+    def load_model(self, path: Path) -> torch.nn.Module:
         from transformers import AutoTokenizer, Owlv2ForObjectDetection
 
-        self.options = {name: getattr(self.opts, name) for name in DEFAULTS}
-        self.torch_device = resolve_device(device)
-        model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
-        with loading_weights(self.spec.name, model_dir):
-            self.weights_digest = model_dir_digest(model_dir)
-            model = load_pretrained(Owlv2ForObjectDetection, model_dir)
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = model.eval().to(self.torch_device)
-        self.image_size = int(model.config.vision_config.image_size)
-        self.query_embeds = self._embed_queries(tokenizer, class_names())
-        logger.info("loaded OWLv2 from %s on %s (%d queries)", model_dir, self.torch_device, NUM_CLASSES)
+        model = load_pretrained(Owlv2ForObjectDetection, path)
+        # Read with the weights, so a broken tokenizer file is reported like a broken weight file.
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return model
 
     def _embed_queries(self, tokenizer: Any, names: Sequence[str]) -> torch.Tensor:
         """NUM_CLASSES×D text embeddings: unit-normalised prompt embeddings averaged per class (float32)."""
-        prompts, owners = query_prompts(names, self.options["prompt"], bool(self.options["split_synonyms"]))
+        prompts, owners = query_prompts(names, self.opts.prompt, bool(self.opts.split_synonyms))
         max_length = int(self.model.config.text_config.max_position_embeddings)
         # Padding to the longest prompt, not to max_length as OWL's processor does: the text tower is
         # causal and pools at EOS, so pad tokens after it cannot change the embedding.
@@ -206,33 +205,23 @@ class OWLv2Detection(Expert):
         # The class head L2-normalises queries itself, so the mean needs no rescaling.
         return summed / torch.bincount(index, minlength=len(names)).clamp(min=1)[:, None].float()
 
-    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        depth_labels = list(deps["depth"])
-        if len(depth_labels) != len(images):
-            raise ValueError(f"got {len(depth_labels)} depth labels for {len(images)} images")
+    def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
         labels: list[Label] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            for image, depth, (boxes, classes, scores) in zip(
-                chunk, depth_labels[start : start + self.batch_size], self.detect(chunk)
-            ):
-                if depth.map.shape != image.shape[:2]:
-                    raise ValueError(f"depth label {depth.map.shape} does not match image {image.shape[:2]}")
-                instance_map, records = depth_ordered_instance_map(
-                    boxes, classes, scores, depth.map, dedup_iou=DEDUP_IOU, max_instances=MAX_INSTANCES
-                )
-                labels.append(Label(map=instance_map, data=records))
+        for image, depth, (boxes, classes, scores) in zip(images, deps["depth"], self.detect(images)):
+            if depth.map.shape != image.shape[:2]:
+                raise ValueError(f"depth label {depth.map.shape} does not match image {image.shape[:2]}")
+            instance_map, records = depth_ordered_instance_map(
+                boxes, classes, scores, depth.map, dedup_iou=DEDUP_IOU, max_instances=MAX_INSTANCES
+            )
+            labels.append(Label(map=instance_map, data=records))
         return labels
 
     def detect(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per image: (N×4 ``x0, y0, x1, y1`` pixels, N class ids, N scores) after threshold and NMS."""
         batch = torch.stack(
-            [
-                owl_input(im, self.image_size, float(self.options["pad_value"]), self.torch_device)
-                for im in images
-            ]
+            [owl_input(im, self.image_size, float(self.opts.pad_value), self.torch_device) for im in images]
         )
-        with inference(self.torch_device):
+        with self.inference():
             feature_map, _ = self.model.image_embedder(pixel_values=batch)
         # The heads are small; fp32 keeps box coordinates and scores near the threshold exact under bf16.
         with torch.inference_mode():
@@ -252,12 +241,12 @@ class OWLv2Detection(Expert):
     def _select(
         self, boxes: torch.Tensor, classes: torch.Tensor, scores: torch.Tensor, size: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keep = torch.nonzero(scores >= float(self.options["threshold"])).flatten()
-        keep = keep[scores[keep].argsort(descending=True, stable=True)][: int(self.options["max_candidates"])]
+        keep = torch.nonzero(scores >= float(self.opts.threshold)).flatten()
+        keep = keep[scores[keep].argsort(descending=True, stable=True)][: int(self.opts.max_candidates)]
         boxes_np = boxes_to_pixels(boxes[keep].cpu().numpy(), *size)
         classes_np = classes[keep].cpu().numpy().astype(np.int64)
         scores_np = scores[keep].cpu().numpy().astype(np.float64)
-        if float(self.options["nms_iou"]) < 1.0 and len(keep):
-            kept = nms(boxes_np, scores_np, float(self.options["nms_iou"]))
+        if float(self.opts.nms_iou) < 1.0 and len(keep):
+            kept = nms(boxes_np, scores_np, float(self.opts.nms_iou))
             boxes_np, classes_np, scores_np = boxes_np[kept], classes_np[kept], scores_np[kept]
         return boxes_np, classes_np, scores_np

@@ -7,20 +7,19 @@ image's strongest edge), computed at 480×480 and resized to the image with PIL 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from expert_zoo.base import Expert, ExpertSpec, Label, WeightsOptions
+from expert_zoo.base import ExpertSpec, Label, WeightsOptions
 from expert_zoo.nets.dexined import DexiNed, width_from_state_dict
-from expert_zoo.torch_utils import IMAGENET_MEAN, inference, normalized_batch, resolve_device
-
-logger = logging.getLogger(__name__)
+from expert_zoo.torch_expert import TorchExpert, load_strictly, read_state_dict
+from expert_zoo.torch_utils import IMAGENET_MEAN, normalized_batch
 
 DEFAULT_WEIGHTS = "hf-hub:shikunl/prismer/expert_weights/10_model.pth"
 INPUT_SIZE = (480, 480)
@@ -67,14 +66,10 @@ class DexiNedOptions(WeightsOptions):
 
 def load_dexined(state_dict: Mapping[str, torch.Tensor]) -> DexiNed:
     """Build a DexiNed of the checkpoint's width and load it strictly (Prismer's checkpoint: width 1)."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"expected a DexiNed state dict, got {type(state_dict).__name__}")
-    model = DexiNed(width=width_from_state_dict(dict(state_dict)))
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    return load_strictly(DexiNed(width=width_from_state_dict(dict(state_dict))), state_dict)
 
 
-class DexiNedEdge(Expert):
+class DexiNedEdge(TorchExpert):
     """Prismer's edge expert: DexiNed (Soria et al., WACV 2020), BIPED-trained weights ``10_model.pth``.
 
     Config: ``weights`` (source for ``resolve_weights``, default Prismer's file on the hub), optional
@@ -93,34 +88,18 @@ class DexiNedEdge(Expert):
     )
     GPU_BATCH_SIZE: ClassVar[int] = 64
     Options = DexiNedOptions
+    CHANNELS_LAST = True
 
-    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
-        super().__init__(config, device)
-        from expert_zoo.weights import file_sha256, loading_weights, resolve_weights
+    def load_model(self, path: Path) -> torch.nn.Module:
+        return load_dexined(read_state_dict(path))
 
-        self.torch_device = resolve_device(device)
-        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
-        with loading_weights(self.spec.name, path):
-            self.weights_digest = file_sha256(path)
-            model = load_dexined(torch.load(path, map_location="cpu", weights_only=True))
-        self.model = model.to(self.torch_device)
-        if self.torch_device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        logger.info("loaded DexiNed (width %s) from %s on %s", self.model.width, path, self.torch_device)
-
-    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        labels: list[Label] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            maps = self._edge_maps(chunk)
-            labels += [Label(map=resize_to_image(m, image.shape[:2])) for m, image in zip(maps, chunk)]
-        return labels
+    def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
+        maps = self._edge_maps(images)
+        return [Label(map=resize_to_image(m, image.shape[:2])) for m, image in zip(maps, images)]
 
     def _edge_maps(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """N×480×480 uint8 inverted edge maps for a batch of RGB images."""
-        batch = preprocess(images, self.torch_device)
-        if self.torch_device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with inference(self.torch_device):
+        batch = self.network_input(preprocess(images, self.torch_device))
+        with self.inference():
             fused = self.model(batch)[-1]
         return edge_maps(fused).cpu().numpy()

@@ -7,26 +7,18 @@ upsampled to the image size (bilinear, ``align_corners=True``), scaled by 255 an
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label, WeightsOptions, did_you_mean
+from expert_zoo.base import ConfigError, ExpertSpec, Label, WeightsOptions, did_you_mean
 from expert_zoo.nets.nll_angmf import SPECS, NLLAngMF, strip_module_prefix
-from expert_zoo.torch_utils import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    inference,
-    normalized_batch,
-    resize_bilinear_aligned,
-    resolve_device,
-)
-
-logger = logging.getLogger(__name__)
+from expert_zoo.torch_expert import TorchExpert, load_strictly, read_state_dict
+from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, normalized_batch, resize_bilinear_aligned
 
 DEFAULT_WEIGHTS = "hf-hub:shikunl/prismer/expert_weights/scannet.pt"
 INPUT_SIZE = (480, 480)
@@ -45,13 +37,10 @@ def normals_to_rgb(prediction: torch.Tensor, size: tuple[int, int]) -> np.ndarra
     return (rgb * 255).permute(1, 2, 0).cpu().numpy().astype(np.uint8)
 
 
-def load_checkpoint(model: NLLAngMF, path: str) -> None:
+def load_checkpoint(model: NLLAngMF, path: str | Path) -> NLLAngMF:
     """Load ``torch.load(path)["model"]`` (or a bare state dict), without DataParallel prefixes, strictly."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"expected a state dict or {{'model': state dict}}, got {type(checkpoint).__name__}")
-    state = checkpoint.get("model", checkpoint)
-    model.load_state_dict(strip_module_prefix(state), strict=True)
+    checkpoint = read_state_dict(path)
+    return load_strictly(model, strip_module_prefix(checkpoint.get("model", checkpoint)))
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,7 @@ class NLLAngMFOptions(WeightsOptions):
             raise ConfigError(f"arch: {self.arch!r} is not one of {sorted(SPECS)}{hint}")
 
 
-class NLLAngMFNormal(Expert):
+class NLLAngMFNormal(TorchExpert):
     """Config: ``weights`` (source, default Prismer's ScanNet checkpoint), optional ``sha256``,
     ``arch`` (``"b5"``, the real network; ``"tiny"`` only exists for tests), ``batch_size``."""
 
@@ -81,37 +70,16 @@ class NLLAngMFNormal(Expert):
     )
     GPU_BATCH_SIZE: ClassVar[int] = 64  # Prismer's
     Options = NLLAngMFOptions
+    opts: NLLAngMFOptions
+    FINGERPRINTED_DEFAULTS = ("weights", "arch")
+    CHANNELS_LAST = True
 
-    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
-        super().__init__(config, device)
-        from expert_zoo.weights import file_sha256, loading_weights, resolve_weights
+    def load_model(self, path: Path) -> torch.nn.Module:
+        return load_checkpoint(NLLAngMF(SPECS[self.opts.arch]), path)
 
-        # The defaults of these two have always been part of this expert's fingerprint: kept there.
-        self.config.setdefault("weights", self.opts.weights)
-        self.config.setdefault("arch", self.opts.arch)
-        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
-        self.torch_device = resolve_device(device)
-        model = NLLAngMF(SPECS[self.opts.arch])
-        with loading_weights(self.spec.name, path):
-            self.weights_digest = file_sha256(path)
-            load_checkpoint(model, str(path))
-        model.eval().to(self.torch_device)
-        if self.torch_device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        logger.info("loaded %s (%s) from %s", self.spec.name, self.opts.arch, path)
-
-    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        labels: list[Label] = []
-        for start in range(0, len(images), self.batch_size):
-            labels.extend(self._predict_batch(images[start : start + self.batch_size]))
-        return labels
-
-    def _predict_batch(self, images: list[np.ndarray]) -> list[Label]:
-        batch = preprocess(images, self.torch_device)
-        if self.torch_device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with inference(self.torch_device):
+    def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
+        batch = self.network_input(preprocess(images, self.torch_device))
+        with self.inference():
             res1 = self.model(batch)[-1]
         with torch.inference_mode():
             return [

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label, WeightsOptions
+from expert_zoo.base import ConfigError, ExpertSpec, Label, WeightsOptions
 from expert_zoo.nets.charnet import CharNet
 from expert_zoo.ocr_postprocess import (
     CHARSET,
@@ -32,7 +32,8 @@ from expert_zoo.ocr_postprocess import (
     decode_words,
     word_label,
 )
-from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, inference, normalized_batch, resolve_device
+from expert_zoo.torch_expert import TorchExpert, load_strictly, read_state_dict
+from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, normalized_batch
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +81,12 @@ def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 def load_charnet(state_dict: Mapping[str, torch.Tensor]) -> CharNet:
     """Build a CharNet shaped like the checkpoint and load it strictly, in eval mode."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"expected a CharNet state dict, got {type(state_dict).__name__}")
     try:
         kwargs = charnet_kwargs_from_state_dict(state_dict)
     except KeyError as exc:  # a bare KeyError would only show the key
         key = str(exc.args[0]) if exc.args else ""
         raise ValueError(f"not a CharNet state dict: {key if ' ' in key else f'it has no {key!r}'}") from exc
-    model = CharNet(**kwargs)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+    return load_strictly(CharNet(**kwargs), state_dict)
 
 
 def load_char_dict(path: str | Path) -> str:
@@ -129,7 +126,7 @@ CharNetOptions = make_dataclass(
 )
 
 
-class CharNetOCR(Expert):
+class CharNetOCR(TorchExpert):
     """Prismer's OCR expert: CharNet (Xing et al., ICCV 2019), Hourglass-88, ICDAR 2015 weights.
 
     Config: ``weights`` (source for ``resolve_weights``; default Prismer's ``icdar2015_hourglass88.pth``
@@ -152,54 +149,43 @@ class CharNetOCR(Expert):
     )
     GPU_BATCH_SIZE: ClassVar[int] = 32
     Options = CharNetOptions
+    opts: Any  # a CharNetOptions (built with make_dataclass, so not a static type)
+    CHANNELS_LAST = True
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)
-        from expert_zoo.weights import file_sha256, loading_weights, resolve_weights
-
-        self.torch_device = resolve_device(device)
         self.input_size = self.opts.input_size
-        self.postprocess = PostprocessConfig.from_options(self.config)
-        self.charset = load_char_dict(self.opts.char_dict) if self.opts.char_dict else CHARSET
-        self.lexicon = Lexicon.from_file(self.opts.lexicon) if self.opts.lexicon else None
-        if self.lexicon is None:
-            logger.info("no lexicon configured: words that Prismer would snap to its lexicon are dropped")
-
-        path = resolve_weights(self.opts.weights, expert=self.spec.name, sha256=self.opts.sha256)
-        with loading_weights(self.spec.name, path):
-            self.weights_digest = file_sha256(path)
-            model = load_charnet(torch.load(path, map_location="cpu", weights_only=True))
-        self.model = model.to(self.torch_device)
-        if self.torch_device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         if self.input_size % self.model.size_multiple:
             raise ValueError(
                 f"input_size must be a multiple of {self.model.size_multiple}, got {self.input_size}"
             )
+        self.postprocess = PostprocessConfig.from_options(self.config)
+        self.charset = load_char_dict(self.opts.char_dict) if self.opts.char_dict else CHARSET
         num_classes = self.model.char_recognizer.classifier.out_channels
         if len(self.charset) != num_classes:
             raise ValueError(
                 f"the character dictionary has {len(self.charset)} classes, the model {num_classes}"
             )
-        logger.info("loaded CharNet from %s on %s", path, self.torch_device)
+        self.lexicon = Lexicon.from_file(self.opts.lexicon) if self.opts.lexicon else None
+        if self.lexicon is None:
+            logger.info("no lexicon configured: words that Prismer would snap to its lexicon are dropped")
 
-    def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        labels: list[Label] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            maps = self.network_maps(chunk)
-            for k, image in enumerate(chunk):
-                labels.append(self.label_from_maps({name: m[k] for name, m in maps.items()}, image.shape[:2]))
-        return labels
+    def load_model(self, path: Path) -> torch.nn.Module:
+        return load_charnet(read_state_dict(path))
+
+    def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
+        maps = self.network_maps(images)
+        return [
+            self.label_from_maps({name: m[k] for name, m in maps.items()}, image.shape[:2])
+            for k, image in enumerate(images)
+        ]
 
     def network_maps(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """The post-processing's inputs for a batch: N×C×h×w float32 numpy maps (stride 4)."""
         size = (self.input_size, self.input_size)
         batch = normalized_batch(images, size, IMAGENET_MEAN, IMAGENET_STD, self.torch_device)
-        if self.torch_device.type == "cuda":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with inference(self.torch_device, self.opts.dtype):
-            out = self.model(batch)
+        with self.inference():
+            out = self.model(self.network_input(batch))
         return {name: out[name].float().cpu().numpy() for name in _MAP_NAMES}
 
     def label_from_maps(self, maps: Mapping[str, np.ndarray], size: tuple[int, int]) -> Label:

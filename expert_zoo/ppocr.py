@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 
-from expert_zoo.base import (
-    BACKGROUND,
-    THROUGHPUT_OPTIONS,
-    ConfigError,
-    Expert,
-    ExpertOptions,
-    ExpertSpec,
-    Label,
-)
+from expert_zoo.base import BACKGROUND, ConfigError, Expert, ExpertOptions, ExpertSpec, Label
 
 logger = logging.getLogger(__name__)
 MAX_WORDS = 254  # ids 0..253; 255 is background
@@ -47,19 +39,17 @@ class PPOCROptions(ExpertOptions):
                 raise ConfigError(f"{name}: must be between 0 and 1, got {getattr(self, name)}")
 
 
-# The defaults have always been part of this expert's fingerprint (its config): kept there, unchanged.
-_FINGERPRINTED_DEFAULTS = {k: v for k, v in asdict(PPOCROptions()).items() if k not in THROUGHPUT_OPTIONS}
-
-
 class PPOCRDetection(Expert):
     spec = ExpertSpec(
         task="ocr_detection", backend="ppocr", version="1", mode="L", has_json=True, batch_size=8
     )
     Options = PPOCROptions
+    opts: PPOCROptions
+    FINGERPRINTED_DEFAULTS = ("recognize", "limit_side_len", "limit_type", "box_thresh", "text_score")
 
-    def __init__(self, config: Mapping | None = None, device: str = "cpu") -> None:
-        super().__init__({**_FINGERPRINTED_DEFAULTS, **dict(config or {})}, device)
-        config = self.opts
+    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
+        super().__init__(config, device)
+        options = self.opts
         try:
             from rapidocr import RapidOCR
         except ImportError as exc:  # the error names the fix
@@ -67,10 +57,10 @@ class PPOCRDetection(Expert):
         self.engine = RapidOCR(
             params={
                 "Global.log_level": "error",
-                "Global.text_score": float(config.text_score),
-                "Det.limit_side_len": int(config.limit_side_len),
-                "Det.limit_type": str(config.limit_type),
-                "Det.box_thresh": float(config.box_thresh),
+                "Global.text_score": float(options.text_score),
+                "Det.limit_side_len": int(options.limit_side_len),
+                "Det.limit_type": str(options.limit_type),
+                "Det.box_thresh": float(options.box_thresh),
             }
         )
         # The weights ship in the wheel: its version identifies them.

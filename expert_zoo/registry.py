@@ -167,14 +167,12 @@ class ResolvedExpert:
         return self.cls(self.options, device=device)
 
 
-def resolve_expert(request: ExpertRequest | str) -> ResolvedExpert:
+def resolve_expert(request: ExpertRequest) -> ResolvedExpert:
     """The backend ``request`` names, its class imported and its options checked; no weights are read.
 
     Raises :class:`ExpertUnavailable` (unknown name, missing package) or :class:`ConfigError` (unknown or
     ill-typed option, with the option's key path and a did-you-mean).
     """
-    if isinstance(request, str):
-        request = ExpertRequest.parse(request)
     name = resolve_name(request)
     cls = expert_class(name)
     settings = cls.check_options(request.options, request.options_where)

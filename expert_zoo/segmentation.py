@@ -17,16 +17,17 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_zoo._hf import load_label_names, load_pretrained, model_dir_digest, resolve_model_dir
-from expert_zoo.base import Expert, ExpertSpec, Label, WeightsOptions
-from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, inference, pil_resize, resolve_device
-from expert_zoo.weights import loading_weights
+from expert_zoo._hf import load_label_names, load_pretrained
+from expert_zoo.base import ExpertSpec, Label, WeightsOptions
+from expert_zoo.torch_expert import TorchExpert
+from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, pil_resize
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class Mask2FormerOptions(WeightsOptions):
     bgr: bool = False  # feed BGR as Prismer did; the weights expect RGB
 
 
-class Mask2FormerCOCO(Expert):
+class Mask2FormerCOCO(TorchExpert):
     """Mask2Former (Cheng et al., CVPR 2022), Swin-L COCO-panoptic weights, semantic inference.
 
     Config: ``weights`` (a transformers model dir: ``hf-hub:org/repo`` or a local dir; default
@@ -186,31 +187,26 @@ class Mask2FormerCOCO(Expert):
     )
     GPU_BATCH_SIZE: ClassVar[int] = 16
     Options = Mask2FormerOptions
+    opts: Mask2FormerOptions
+    MODEL_DIRECTORY = True
 
-    def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
-        super().__init__(config, device)
+    def load_model(self, path: Path) -> torch.nn.Module:
         from transformers import Mask2FormerForUniversalSegmentation
 
-        self.torch_device = resolve_device(device)
-        model_dir = resolve_model_dir(self.config, DEFAULT_WEIGHTS, self.spec.name)
-        with loading_weights(self.spec.name, model_dir):
-            self.weights_digest = model_dir_digest(model_dir)
-            model = load_pretrained(Mask2FormerForUniversalSegmentation, model_dir)
-            check_label_space(model.config.id2label, model.config.num_labels)
-        self.model = model.eval().to(self.torch_device)
-        self.bgr = self.opts.bgr
-        logger.info("loaded Mask2Former from %s on %s", model_dir, self.torch_device)
+        model = load_pretrained(Mask2FormerForUniversalSegmentation, path)
+        check_label_space(model.config.id2label, model.config.num_labels)
+        return model
 
     def predict(self, images: list[np.ndarray], deps: Mapping[str, Sequence[Label]]) -> list[Label]:
-        inputs = [preprocess(image, self.bgr) for image in images]
+        inputs = [preprocess(image, self.opts.bgr) for image in images]
         # Batch only images of one padded shape, so a label never depends on its batch-mates' padding.
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, tensor in enumerate(inputs):
             groups[padded_shape(tuple(tensor.shape[1:]))].append(index)
         maps: list[np.ndarray | None] = [None] * len(images)
         for shape, indices in groups.items():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
+            for part in self.forward_slices(len(indices)):
+                chunk = indices[part]
                 results = self._segment(
                     [inputs[i] for i in chunk], shape, [images[i].shape[:2] for i in chunk]
                 )
@@ -228,7 +224,7 @@ class Mask2FormerCOCO(Expert):
                 tensor  # zero = the mean colour, as detectron2
             )
         batch = batch.to(self.torch_device, non_blocking=True)
-        with inference(self.torch_device):
+        with self.inference():
             out = self.model(pixel_values=batch)
         maps = []
         with torch.inference_mode():

@@ -225,8 +225,8 @@ class TextFeatures:
     @classmethod
     def from_options(cls, options: TextFeatureOptions, device: Any, expert: str) -> TextFeatures:
         """Resolve the encoder and the PCA the options name (weight resolver: sha256, offline cache)."""
-        from expert_zoo._hf import model_dir_digest, resolve_model_dir
-        from expert_zoo.weights import loading_weights
+        from expert_zoo._hf import resolve_model_dir
+        from expert_zoo.weights import loading_weights, model_dir_digest
 
         pca = resolve_pca(options.pca, expert, options.pca_sha256)
         config = {"weights": options.weights, "sha256": options.sha256}

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -148,10 +148,46 @@ def _repair_hint(expert: str, path: Path) -> str:
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in chunks so large checkpoints don't fill memory."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    for chunk in _file_chunks(path):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_chunks(path: str | Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:  # open() follows the hub cache's symlinks to their blobs
         while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+# Files that decide what a model directory computes: its config, tokenizer and weights. READMEs,
+# ``.gitattributes`` and weights in other frameworks (``tf_model.h5``, ``flax_model.msgpack``) do not.
+_CONFIG_SUFFIXES = (".json", ".txt", ".model")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` loads: safetensors when present, else PyTorch ``.bin``."""
+    for pattern in ("*.safetensors", "*.bin"):
+        found = sorted(model_dir.glob(pattern))
+        if found:
+            return found
+    raise FileNotFoundError(f"no *.safetensors or *.bin weights in {model_dir}")
+
+
+def model_dir_digest(model_dir: Path) -> str:
+    """sha256 over the names and contents of the config, tokenizer and weight files of a model dir."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in _CONFIG_SUFFIXES)
+    files += weight_files(model_dir)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        for chunk in _file_chunks(path):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_digest(path: Path) -> str:
+    """The identity of resolved weights, for the fingerprint: a file's sha256, or a model directory's."""
+    return model_dir_digest(path) if path.is_dir() else file_sha256(path)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -197,31 +233,6 @@ def resolve_weights(
     if sha256 and path.is_file():
         _verify(path, sha256, expert, source)
     return path
-
-
-def prefetch(
-    sources: Mapping[str, str],
-    *,
-    sha256s: Mapping[str, str] | None = None,
-    cache_dir: str | Path | None = None,
-) -> dict[str, Path]:
-    """Resolve every ``expert -> source``; tries all, then raises one error listing any failures."""
-    resolved: dict[str, Path] = {}
-    failures: list[str] = []
-    for expert, source in sources.items():
-        try:
-            resolved[expert] = resolve_weights(
-                source, expert=expert, sha256=(sha256s or {}).get(expert), cache_dir=cache_dir
-            )
-            logger.info("weights for %s: %s", expert, resolved[expert])
-        except WeightsUnavailable as exc:
-            logger.error("%s", exc)
-            failures.append(str(exc))
-    if failures:
-        raise ExpertUnavailable(
-            f"{len(failures)} of {len(sources)} weight sources failed:\n" + "\n".join(failures)
-        )
-    return resolved
 
 
 def _verify(path: Path, expected: str, expert: str, source: str, shown: Path | None = None) -> None:

@@ -169,7 +169,11 @@ def write_run_tables(
         return
     directory = tables_dir(output_root)
     existing = read_tables(directory)
-    request = next((r for r in requests if r.task == TEXT_FEATURES_TASK), None)
+    # Only the CLIP-PCA backend (the task's default) names an encoder and a PCA; another backend of
+    # the task (a plugin, a test stand-in) makes no tables.
+    request = next(
+        (r for r in requests if r.task == TEXT_FEATURES_TASK and r.backend in (None, "clip_pca")), None
+    )
     if request is None:
         missing = [n for n in wanted if existing is None or n not in existing.arrays]
         if missing:

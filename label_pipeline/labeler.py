@@ -298,7 +298,7 @@ class Labeler:
         if not is_out_of_memory(exc):
             logger.warning("%s failed on a batch of %d (%s); retrying one by one", task, size, exc)
             return 1
-        half = max(1, size // 2)
+        half = (size + 1) // 2
         self.batch_sizes[task] = min(self.batch_sizes[task], half)
         logger.warning("%s: out of memory on a batch of %d; batches of %d from now on", task, size, half)
         return half

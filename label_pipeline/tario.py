@@ -84,7 +84,9 @@ class TarSample:
     unsupported: str | None = None
 
 
-def read_tar_entries(source: BinaryIO, errors: list[str] | None = None) -> Iterator[TarSample]:
+def read_tar_entries(
+    source: BinaryIO, errors: list[str] | None = None, names_only: bool = False
+) -> Iterator[TarSample]:
     """Every sample of a tar, in order, each member accounted for exactly once.
 
     Consecutive regular files with the same key form one sample; a suffix already present in the
@@ -96,11 +98,17 @@ def read_tar_entries(source: BinaryIO, errors: list[str] | None = None) -> Itera
     header): the end-of-archive blocks must be there. With ``errors`` given, a damaged tar ends the
     iteration after the last whole member (the sample being read is still yielded) and the problem
     is appended to ``errors``; without it a ``tarfile.ReadError`` propagates.
+
+    ``names_only``: members are listed with empty bytes and no member data is read; a seekable source
+    is read header to header (the trainer replays shards this way to resume its data stream).
     """
-    reader = source if isinstance(source, HashingReader) else HashingReader(source)
+    hashing: HashingReader | None = None  # None: seeking header to header
+    if not (names_only and _seekable(source)):
+        hashing = source if isinstance(source, HashingReader) else HashingReader(source)
     group: TarSample | None = None
     try:
-        with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
+        mode = "r:*" if hashing is None else "r|*"
+        with tarfile.open(fileobj=hashing or source, mode=mode) as tar:  # type: ignore[call-overload]
             for info in tar:
                 key, ext = split_member_name(info.name)
                 if not info.isfile():
@@ -113,14 +121,12 @@ def read_tar_entries(source: BinaryIO, errors: list[str] | None = None) -> Itera
                     if group is not None:
                         yield group
                     group = TarSample(key)
-                handle = tar.extractfile(info)
+                handle = None if names_only else tar.extractfile(info)
                 group.members[ext] = handle.read() if handle else b""
             end_of_members = tar.offset
-        reader.drain()
-        if reader.size < end_of_members + 2 * tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(
-                f"truncated tar: ends at byte {reader.size} without end-of-archive blocks"
-            )
+        size = source.seek(0, io.SEEK_END) if hashing is None else _drained_size(hashing)
+        if size < end_of_members + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"truncated tar: ends at byte {size} without end-of-archive blocks")
     except (tarfile.TarError, EOFError, OSError) as exc:
         if errors is None:
             raise
@@ -130,7 +136,7 @@ def read_tar_entries(source: BinaryIO, errors: list[str] | None = None) -> Itera
 
 
 def read_tar_samples(
-    source: BinaryIO, errors: list[str] | None = None
+    source: BinaryIO, errors: list[str] | None = None, names_only: bool = False
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` per sample of regular files (see ``read_tar_entries``).
 
@@ -138,7 +144,7 @@ def read_tar_samples(
     regular files are left out here; input shards are read with ``read_tar_entries``, which
     reports them.
     """
-    for sample in read_tar_entries(source, errors):
+    for sample in read_tar_entries(source, errors, names_only):
         if sample.unsupported is None:
             yield sample.key, sample.members
 
@@ -158,6 +164,16 @@ def describe_member_type(info: tarfile.TarInfo) -> str:
     if info.isfifo():
         return "a FIFO"
     return f"a member of tar type {info.type!r}"
+
+
+def _seekable(source: BinaryIO) -> bool:
+    seekable = getattr(source, "seekable", None)
+    return bool(seekable and seekable())
+
+
+def _drained_size(reader: HashingReader) -> int:
+    reader.drain()
+    return reader.size
 
 
 def _has_suffix(members: dict[str, bytes], ext: str) -> bool:

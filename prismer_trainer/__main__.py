@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from label_pipeline.core.entry import run_command, setup_console
-from prismer_trainer.config import PRESETS
-from prismer_trainer.configs import PARALLEL, PRECISIONS, STAGES, stage_config
+from prismer_trainer.model_config import PRESETS
+from prismer_trainer.train_config import PARALLEL, PRECISIONS, STAGES, stage_config
 
 logger = logging.getLogger("prismer_trainer")
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
@@ -108,10 +108,10 @@ def _field_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from prismer_trainer.train import RunOptions, train
+    from prismer_trainer.train import TrainOptions, train
 
     config = stage_config(args.stage, args.config, **_field_overrides(args))
-    options = RunOptions(
+    options = TrainOptions(
         dataset=args.dataset,
         out_dir=args.out or Path("runs") / f"{Path(args.dataset).name}-{args.config}-{args.stage}",
         labels_root=args.labels_root,
@@ -140,11 +140,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from prismer_trainer.checkpoint import STATE_FILE, latest_checkpoint
     from prismer_trainer.evaluate import EvalOptions, evaluate
-    from prismer_trainer.train import latest_checkpoint
 
     checkpoint = args.checkpoint
-    if not (checkpoint / "trainer_state.json").exists():
+    if not (checkpoint / STATE_FILE).exists():
         checkpoint = latest_checkpoint(checkpoint)
         if checkpoint is None:
             raise FileNotFoundError(
@@ -174,8 +174,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"
     setup_console(debug=args.debug, quiet=not main_rank, fmt=LOG_FORMAT, stream=sys.stdout)
-    from prismer_trainer.loader import TokenizerUnavailable
-    from prismer_trainer.model import PretrainedUnavailable
+    from prismer_trainer.pretrained import PretrainedUnavailable
+    from prismer_trainer.text import TokenizerUnavailable
 
     usage_errors = (TokenizerUnavailable, PretrainedUnavailable, FileNotFoundError, ValueError)
     command = run_train if args.command == "train" else run_eval

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,18 +19,25 @@ import fsspec
 import torch
 import torch.nn.functional as F
 
-from prismer_trainer.config import ModelConfig
-from prismer_trainer.configs import TrainConfig
-from prismer_trainer.loader import (
-    LabelEmbeddings,
-    Tokenizer,
-    dataset_shards,
-    image_key,
-    load_tokenizer,
-    make_loader,
-    to_model_inputs,
+from prismer_trainer.batches import to_model_inputs
+from prismer_trainer.checkpoint import (
+    EVAL_HINT,
+    TOKENIZER_DIR,
+    load_tensors,
+    read_embeddings,
+    read_metadata,
+    reading_checkpoint,
 )
+from prismer_trainer.data import RunData
+from prismer_trainer.distributed import Distributed, pick_device
+from prismer_trainer.embeddings import LabelEmbeddings
 from prismer_trainer.model import PrismerModel
+from prismer_trainer.model_config import ModelConfig
+from prismer_trainer.samples import image_key
+from prismer_trainer.shards import dataset_shards
+from prismer_trainer.stream import make_loader
+from prismer_trainer.text import Tokenizer, load_tokenizer
+from prismer_trainer.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,22 +104,10 @@ def cider(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]
 
 
 def sample_captions(
-    model: PrismerModel,
-    shards: list[str],
-    experts: tuple[str, ...],
-    tokenizer: Tokenizer,
-    embeddings: LabelEmbeddings,
-    config: TrainConfig,
-    device: torch.device,
-    count: int,
+    model: PrismerModel, data: RunData, config: TrainConfig, device: torch.device, count: int
 ) -> list[tuple[str, str, str]]:
     """Greedy captions of the first ``count`` training images (no augmentation): (key, caption, reference)."""
-    from prismer_trainer.train import Distributed, RunOptions, build_stream
-
-    options = RunOptions(dataset="", out_dir=Path("."))
-    stream = build_stream(
-        shards, experts, tokenizer, embeddings, config, options, Distributed(), train=False, batch_size=count
-    )
+    stream = data.stream(config, Distributed(), train=False, batch_size=count)
     was_training = model.training
     model.eval()
     try:
@@ -120,7 +115,7 @@ def sample_captions(
         captions = generate_captions(
             model,
             batch,
-            tokenizer,
+            data.tokenizer,
             config.prefix,
             device,
             num_beams=1,
@@ -210,14 +205,14 @@ def load_for_eval(
     checkpoint: Path, device: torch.device
 ) -> tuple[PrismerModel, Tokenizer, LabelEmbeddings, dict]:
     """Model (eval mode), tokenizer, label embeddings and the trainer metadata of a checkpoint dir."""
-    from prismer_trainer.train import load_embeddings
-
-    meta = json.loads((checkpoint / "trainer_state.json").read_text())
-    model = PrismerModel(ModelConfig.from_dict(meta["model_config"]))
-    model.load_prismer_state_dict(torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True))
+    meta = read_metadata(checkpoint, EVAL_HINT)
+    weights = load_tensors(checkpoint / "model.pt", EVAL_HINT)
+    with reading_checkpoint(checkpoint / "model.pt", EVAL_HINT):
+        model = PrismerModel(ModelConfig.from_dict(meta["model_config"]))
+        model.load_prismer_state_dict(weights)
     model.to(device).eval()
-    tokenizer = load_tokenizer(checkpoint / "tokenizer")
-    return model, tokenizer, load_embeddings(checkpoint / "label_embeddings.npz"), meta
+    tokenizer = load_tokenizer(checkpoint / TOKENIZER_DIR)
+    return model, tokenizer, read_embeddings(checkpoint, EVAL_HINT), meta
 
 
 def split_keys(split: str, split_file: str | None) -> set[str] | None:
@@ -241,31 +236,31 @@ def split_keys(split: str, split_file: str | None) -> set[str] | None:
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Caption CIDEr or VQA accuracy of a checkpoint over a split; writes predictions + metrics as JSON."""
-    from prismer_trainer.train import Distributed, RunOptions, build_stream, pick_device
-
     device = pick_device(options.device, Distributed())
     model, tokenizer, embeddings, meta = load_for_eval(options.checkpoint, device)
     config = TrainConfig.from_dict(meta["train_config"])
     dataset = options.dataset or meta["dataset"]
     labels = options.labels_root or meta.get("labels_root")
-    run = RunOptions(dataset=dataset, out_dir=options.checkpoint, labels_root=labels)
-    run.vqa_annotations = options.vqa_annotations or tuple(meta.get("vqa_annotations", ()))
-    stream = build_stream(
+    data = RunData(
         dataset_shards(dataset, labels),
         tuple(model.config.experts),
         tokenizer,
         embeddings,
+        options.vqa_annotations or tuple(meta.get("vqa_annotations", ())),
+    )
+    stream = data.stream(
         config,
-        run,
         Distributed(),
         train=False,
         keys=split_keys(options.split, options.split_file),
         batch_size=options.batch_size,
     )
+    batches = make_loader(stream, num_workers=min(2, config.num_workers))
     if config.task == "vqa":
-        result = _evaluate_vqa(model, stream, tokenizer, config, options, device)
+        answer_list = read_answer_list(options.answer_list)
+        result = _evaluate_vqa(model, batches, tokenizer, answer_list, config, device, options.max_samples)
     else:
-        result = _evaluate_captions(model, stream, tokenizer, config, options, device)
+        result = _evaluate_captions(model, batches, tokenizer, config, device, options.max_samples)
     result.update(checkpoint=str(options.checkpoint), split=options.split, dataset=dataset)
     out = options.out or options.checkpoint / f"eval_{options.split}.json"
     Path(out).write_text(json.dumps(result, indent=1, ensure_ascii=False))
@@ -275,15 +270,15 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
 def _evaluate_captions(
     model: PrismerModel,
-    stream: Any,
+    batches: Iterable[dict[str, Any]],
     tokenizer: Tokenizer,
     config: TrainConfig,
-    options: EvalOptions,
     device: torch.device,
+    max_samples: int | None,
 ) -> dict[str, Any]:
     predictions: dict[str, str] = {}
     references: dict[str, list[str]] = {}
-    for batch in make_loader(stream, num_workers=min(2, config.num_workers)):
+    for batch in batches:
         captions = generate_captions(
             model,
             batch,
@@ -296,7 +291,7 @@ def _evaluate_captions(
         )
         for key, caption, refs in zip(batch["keys"], captions, batch["references"]):
             predictions[key], references[key] = display_caption(caption), refs
-        if options.max_samples and len(predictions) >= options.max_samples:
+        if max_samples and len(predictions) >= max_samples:
             break
     return {
         "task": "caption",
@@ -306,26 +301,31 @@ def _evaluate_captions(
     }
 
 
+def read_answer_list(path: str | None) -> list[str]:
+    """The candidate answers of VQA's rank mode (a JSON list)."""
+    if not path:
+        raise ValueError("VQA evaluation (rank mode) needs --answer-list FILE (a JSON list of answers)")
+    with fsspec.open(path, "r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _evaluate_vqa(
     model: PrismerModel,
-    stream: Any,
+    batches: Iterable[dict[str, Any]],
     tokenizer: Tokenizer,
+    answer_list: Sequence[str],
     config: TrainConfig,
-    options: EvalOptions,
     device: torch.device,
+    max_samples: int | None,
 ) -> dict[str, Any]:
-    if not options.answer_list:
-        raise ValueError("VQA evaluation (rank mode) needs --answer-list FILE (a JSON list of answers)")
-    with fsspec.open(options.answer_list, "r", encoding="utf-8") as handle:
-        answer_list = json.load(handle)
     predictions, scores = [], []
-    for batch in make_loader(stream, num_workers=min(2, config.num_workers)):
+    for batch in batches:
         answers = rank_answers(model, batch, tokenizer, answer_list, device, config.vqa_candidates)
         for qid, answer, truth in zip(batch["question_ids"], answers, batch["answers"]):
             predictions.append({"question_id": qid, "answer": answer})
             if truth:
                 scores.append(vqa_accuracy(answer, truth))
-        if options.max_samples and len(predictions) >= options.max_samples:
+        if max_samples and len(predictions) >= max_samples:
             break
     accuracy = 100 * sum(scores) / len(scores) if scores else None
     return {"task": "vqa", "samples": len(predictions), "accuracy": accuracy, "predictions": predictions}

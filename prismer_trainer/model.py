@@ -17,7 +17,6 @@ Reference: github.com/NVlabs/prismer (``model/``); this is an independent implem
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -25,7 +24,6 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from prismer_trainer.config import CATEGORICAL_EXPERTS, DENSE_EXPERTS, FREEZE_MODES, ModelConfig
+from prismer_trainer.beam_search import GenerationOutput, KeyValue, beam_search
+from prismer_trainer.model_config import CATEGORICAL_EXPERTS, DENSE_EXPERTS, FREEZE_MODES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ ALIASES: dict[str, str] = {
 
 _POSITION_IDS = "text_decoder.roberta.embeddings.position_ids"
 
-KeyValue = tuple[torch.Tensor, torch.Tensor]  # attention keys, values: [b, heads, tokens, head_dim]
 Context = torch.Tensor | KeyValue | None  # what a text attention attends to besides itself
 Vision = torch.Tensor | list[KeyValue]  # vision tokens, or every decoder layer's cross-attention keys/values
 
@@ -170,7 +168,7 @@ class AdaptedClipBlock(nn.ModuleList):
     """``[ClipBlock, Adaptor]``: attention, adaptor, then MLP (list indices give the ``.0.``/``.1.`` keys)."""
 
     def __init__(self, width: int, heads: int) -> None:
-        super().__init__([ClipBlock(width, heads), Adaptor(width)])
+        super().__init__([ClipBlock(width, heads), Adaptor(width, eps=1e-6)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block, adaptor = self[0], self[1]
@@ -434,10 +432,12 @@ class TextSelfAttention(nn.Module):
         return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p))
 
 
-class TextAttentionOutput(nn.Module):
-    def __init__(self, width: int, eps: float, dropout: float) -> None:
+class TextOutput(nn.Module):
+    """RoBERTa's post-norm output of attention or FFN: ``LN(dropout(dense x) + residual)``."""
+
+    def __init__(self, in_width: int, width: int, eps: float, dropout: float) -> None:
         super().__init__()
-        self.dense = nn.Linear(width, width)
+        self.dense = nn.Linear(in_width, width)
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
@@ -452,7 +452,7 @@ class TextAttention(nn.Module):
         super().__init__()
         width = config.text_width
         self.self = TextSelfAttention(width, config.text_heads, kv_width or width, config.attention_dropout)
-        self.output = TextAttentionOutput(width, config.layer_norm_eps, config.hidden_dropout)
+        self.output = TextOutput(width, width, config.layer_norm_eps, config.hidden_dropout)
 
     def forward(
         self, x: torch.Tensor, allowed: torch.Tensor | None = None, context: Context = None
@@ -467,17 +467,6 @@ class TextIntermediate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(x))
-
-
-class TextOutput(nn.Module):
-    def __init__(self, hidden: int, width: int, eps: float, dropout: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(hidden, width)
-        self.LayerNorm = nn.LayerNorm(width, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class TextLayer(nn.Module):
@@ -637,12 +626,6 @@ class PrismerOutput:
     hidden_states: torch.Tensor  # decoder last hidden state (before the LM head), [b, n, text_width]
     loss: torch.Tensor | None = None  # mean over the batch of loss_per_sample
     loss_per_sample: torch.Tensor | None = None  # token losses summed per sample, [b]
-
-
-@dataclass
-class GenerationOutput:
-    sequences: torch.Tensor  # [b, <= max_length] ids, prompt included; pad after an early </s>
-    scores: torch.Tensor  # [b] beam score: sum of log-probs / sequence length ** length_penalty
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
@@ -817,355 +800,3 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: PrismerModel
             sd[alias] = sd[canonical]
     sd.setdefault(_POSITION_IDS, model.text_decoder.roberta.embeddings.position_ids)
     return sd
-
-
-# ================================================================================================
-# Beam search (HF transformers 4.26 semantics, batched; like the original, each step re-runs the whole
-# prefix; only the vision tokens' cross-attention keys/values are computed once)
-# ================================================================================================
-class _Hypotheses:
-    """The ``num_beams`` best finished sequences of one sample (HF ``BeamHypotheses``)."""
-
-    def __init__(self, num_beams: int, length_penalty: float) -> None:
-        self.num_beams, self.length_penalty = num_beams, length_penalty
-        self.beams: list[tuple[float, torch.Tensor]] = []
-        self.worst_score = 1e9
-
-    def add(self, tokens: torch.Tensor, sum_logprobs: float) -> None:
-        score = sum_logprobs / (tokens.shape[-1] ** self.length_penalty)
-        if len(self.beams) < self.num_beams or score > self.worst_score:
-            self.beams.append((score, tokens))
-            if len(self.beams) > self.num_beams:
-                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst_score = ranked[1][0]
-            else:
-                self.worst_score = min(score, self.worst_score)
-
-    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
-        if len(self.beams) < self.num_beams:
-            return False
-        return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
-
-    def best(self) -> tuple[float, torch.Tensor]:
-        return sorted(self.beams, key=lambda b: b[0])[-1]
-
-
-@torch.no_grad()
-def beam_search(
-    decoder: TextDecoder,
-    vision_tokens: torch.Tensor,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor | None,
-    *,
-    num_beams: int,
-    max_length: int,
-    min_length: int,
-    length_penalty: float,
-    pad_token_id: int,
-    eos_token_id: int,
-) -> GenerationOutput:
-    batch, prompt_len = prompt_ids.shape
-    if prompt_len >= max_length:
-        raise ValueError(f"prompt length {prompt_len} >= max_length {max_length}")
-    if prompt_mask is None:
-        prompt_mask = torch.ones_like(prompt_ids)
-    ids = prompt_ids.repeat_interleave(num_beams, dim=0)
-    mask = prompt_mask.repeat_interleave(num_beams, dim=0)
-    # The vision tokens' cross-attention keys/values are the same at every step: project them once per
-    # sample, then repeat them for each beam.
-    vision = [
-        (k.repeat_interleave(num_beams, dim=0), v.repeat_interleave(num_beams, dim=0))
-        for k, v in decoder.cross_keys_values(vision_tokens)
-    ]
-    beam_scores = torch.zeros(batch, num_beams, device=ids.device)
-    beam_scores[:, 1:] = -1e9  # all beams start identical: only the first may expand at step one
-    beam_scores = beam_scores.view(-1)
-    hyps = [_Hypotheses(num_beams, length_penalty) for _ in range(batch)]
-    done = [False] * batch
-    cur_len = prompt_len
-    while True:
-        _, logits = decoder(ids, mask, vision, last_only=True)
-        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1)
-        if cur_len < min_length:
-            logprobs[:, eos_token_id] = -float("inf")
-        vocab = logprobs.shape[-1]
-        scores = (logprobs + beam_scores[:, None]).view(batch, num_beams * vocab)
-        top_scores, top_ids = torch.topk(scores, 2 * num_beams, dim=1, largest=True, sorted=True)
-        beam_scores, tokens, sources = _select_beams(
-            ids, top_scores, top_ids, vocab, hyps, done, cur_len, num_beams, pad_token_id, eos_token_id
-        )
-        ids = torch.cat([ids[sources], tokens[:, None]], dim=-1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        cur_len += 1
-        if all(done) or cur_len >= max_length:
-            break
-    return _finalize(ids, beam_scores, hyps, done, num_beams, max_length, pad_token_id, eos_token_id)
-
-
-def _select_beams(
-    ids: torch.Tensor,
-    top_scores: torch.Tensor,
-    top_ids: torch.Tensor,
-    vocab: int,
-    hyps: list[_Hypotheses],
-    done: list[bool],
-    cur_len: int,
-    num_beams: int,
-    pad_token_id: int,
-    eos_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HF ``BeamSearchScorer.process``: keep the best ``num_beams`` non-EOS continuations per sample and move
-    EOS continuations ranked within the top ``num_beams`` into the finished hypotheses."""
-    batch = top_scores.shape[0]
-    scores_l, ids_l = top_scores.tolist(), top_ids.tolist()  # one device sync per step
-    new_scores = [[0.0] * num_beams for _ in range(batch)]
-    new_tokens = [[pad_token_id] * num_beams for _ in range(batch)]
-    new_sources = [[b * num_beams + j for j in range(num_beams)] for b in range(batch)]
-    for b in range(batch):
-        if done[b]:
-            continue
-        slot = 0
-        for rank, (score, flat) in enumerate(zip(scores_l[b], ids_l[b])):
-            source, token = b * num_beams + flat // vocab, flat % vocab
-            if token == eos_token_id:
-                if rank < num_beams:
-                    hyps[b].add(ids[source].clone(), score)
-                continue
-            new_scores[b][slot], new_tokens[b][slot], new_sources[b][slot] = score, token, source
-            slot += 1
-            if slot == num_beams:
-                break
-        done[b] = hyps[b].is_done(max(scores_l[b]), cur_len)
-    device = ids.device
-    return (
-        torch.tensor(new_scores, dtype=top_scores.dtype, device=device).view(-1),
-        torch.tensor(new_tokens, dtype=ids.dtype, device=device).view(-1),
-        torch.tensor(new_sources, dtype=torch.long, device=device).view(-1),
-    )
-
-
-def _finalize(
-    ids: torch.Tensor,
-    beam_scores: torch.Tensor,
-    hyps: list[_Hypotheses],
-    done: list[bool],
-    num_beams: int,
-    max_length: int,
-    pad_token_id: int,
-    eos_token_id: int,
-) -> GenerationOutput:
-    scores_l = beam_scores.tolist()
-    for b, hyp in enumerate(hyps):
-        if not done[b]:
-            for j in range(num_beams):
-                hyp.add(ids[b * num_beams + j], scores_l[b * num_beams + j])
-    best = [hyp.best() for hyp in hyps]
-    lengths = [seq.shape[-1] for _, seq in best]
-    width = min(max(lengths) + 1, max_length)
-    out = ids.new_full((len(best), width), pad_token_id)
-    for b, (_, seq) in enumerate(best):
-        out[b, : seq.shape[-1]] = seq
-        if seq.shape[-1] < width:
-            out[b, seq.shape[-1]] = eos_token_id
-    scores = torch.tensor([s for s, _ in best], dtype=torch.float32, device=ids.device)
-    return GenerationOutput(sequences=out, scores=scores)
-
-
-# ================================================================================================
-# Pretrained CLIP / RoBERTa weights (transformers checkpoints)
-# ================================================================================================
-class PretrainedUnavailable(RuntimeError):
-    """A pretrained CLIP/RoBERTa checkpoint cannot be found or fetched; the message says how to fix it."""
-
-
-# Hub ids without an organisation were moved; the hub resolves them only through redirects.
-_LEGACY_HUB_IDS = {"roberta-base": "FacebookAI/roberta-base", "roberta-large": "FacebookAI/roberta-large"}
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def load_pretrained(
-    model: PrismerModel, vision: str | bool = True, language: str | bool = True
-) -> dict[str, list[str]]:
-    """Initialise the ViT from a transformers CLIP checkpoint and the decoder from a transformers RoBERTa one.
-
-    ``vision`` / ``language``: ``True`` = the config's default (``vision_pretrained``/``text_pretrained``),
-    ``False`` = skip, or a source: a hub id (``openai/clip-vit-base-patch16``), ``hf-hub:org/repo/file``,
-    a local checkpoint directory (``save_pretrained`` output) or a weights file. New parts (stems,
-    resampler, adaptors, cross-attention, output layer) keep their initialisation. Returns the loaded keys.
-    """
-    config, loaded = model.config, {}
-    if vision:
-        source = config.vision_pretrained if vision is True else vision
-        hf_state = read_transformers_checkpoint(source, what="CLIP vision", arg="vision")
-        loaded["vision"] = _copy_into(model, clip_to_prismer(hf_state, config, source))
-    if language:
-        source = config.text_pretrained if language is True else language
-        hf_state = read_transformers_checkpoint(source, what="RoBERTa", arg="language")
-        loaded["language"] = _copy_into(model, roberta_to_prismer(hf_state, config, source))
-    return loaded
-
-
-def _copy_into(model: PrismerModel, mapped: dict[str, torch.Tensor]) -> list[str]:
-    own = model.state_dict()
-    for key, value in mapped.items():
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"pretrained {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)}: "
-                f"the checkpoint does not fit the {model.config.name!r} config"
-            )
-        with torch.no_grad():
-            own[key].copy_(value)
-    logger.info("loaded %d pretrained tensors", len(mapped))
-    return sorted(mapped)
-
-
-def read_transformers_checkpoint(
-    source: str, what: str = "pretrained", arg: str = "source"
-) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers checkpoint: a local dir or file, ``hf-hub:...`` or a hub model id."""
-    if not source:
-        raise PretrainedUnavailable(f"no {what} checkpoint configured; pass {arg}=<hub id or local dir>")
-    path = Path(source).expanduser()
-    if not path.exists():
-        path = _resolve_hub_weights(source, what, arg)
-    return _read_checkpoint_dir(path, what) if path.is_dir() else _read_weight_file(path)
-
-
-def _read_checkpoint_dir(path: Path, what: str) -> dict[str, torch.Tensor]:
-    for name in _WEIGHT_FILES:
-        if (path / name).is_file():
-            return _read_weight_file(path / name)
-        index = path / f"{name}.index.json"
-        if index.is_file():  # sharded checkpoint
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in _read_weight_file(path / shard).items()}
-    raise PretrainedUnavailable(f"{path} holds no {what} weights (looked for {', '.join(_WEIGHT_FILES)})")
-
-
-def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _resolve_hub_weights(source: str, what: str, arg: str) -> Path:
-    from expert_zoo.weights import WeightsUnavailable, resolve_weights
-
-    if source.startswith("hf-hub:"):
-        candidates = [source]
-        model_id = source.removeprefix("hf-hub:")
-    else:
-        model_id = _LEGACY_HUB_IDS.get(source, source)
-        candidates = [f"hf-hub:{model_id}/{name}" for name in _WEIGHT_FILES]
-    reasons = []
-    for candidate in candidates:
-        try:
-            return resolve_weights(candidate, expert=f"prismer {what}")
-        except WeightsUnavailable as exc:
-            reasons.append(exc.reason)
-    raise PretrainedUnavailable(
-        f"cannot get the {what} checkpoint {model_id!r} ({'; '.join(dict.fromkeys(reasons))}). Fix: run once "
-        f"with network access (unset HF_HUB_OFFLINE) to cache it, or download {model_id!r} elsewhere "
-        f"(`huggingface-cli download {model_id} {_WEIGHT_FILES[0]} config.json --local-dir DIR`) and pass "
-        f"{arg}='DIR' to load_pretrained"
-    )
-
-
-def _find_prefix(state: Mapping[str, torch.Tensor], suffix: str, what: str, source: str) -> str:
-    hits = sorted(k[: -len(suffix)] for k in state if k.endswith(suffix))
-    if not hits:
-        raise ValueError(f"{source!r} is not a transformers {what} checkpoint (no '*{suffix}' key)")
-    return hits[0]
-
-
-def clip_to_prismer(
-    state: Mapping[str, torch.Tensor], config: ModelConfig, source: str = ""
-) -> dict[str, torch.Tensor]:
-    """Map a transformers CLIP (vision) state dict to ``expert_encoder.*`` keys.
-
-    The CLS token and the projection are dropped, q/k/v are packed as in nn.MultiheadAttention, and the
-    positional embedding loses its CLS row and is resized (bicubic) to the model's patch grid.
-    """
-    p = _find_prefix(state, "embeddings.patch_embedding.weight", "CLIP vision", source)
-    layers = {
-        int(m.group(1)) for k in state if (m := re.match(re.escape(p) + r"encoder\.layers\.(\d+)\.", k))
-    }
-    if len(layers) != config.vision_layers:
-        raise ValueError(
-            f"{source!r} has {len(layers)} CLIP layers, config {config.name!r} has {config.vision_layers}"
-        )
-    pos = state[p + "embeddings.position_embedding.weight"][1:]
-    out = {
-        "expert_encoder.conv1.rgb.weight": state[p + "embeddings.patch_embedding.weight"],
-        "expert_encoder.positional_embedding": resize_positional_embedding(
-            pos, (config.grid_size, config.grid_size)
-        ),
-    }
-    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
-        for t in ("weight", "bias"):
-            out[f"expert_encoder.{ours}.{t}"] = state[f"{p}{theirs}.{t}"]
-    for i in sorted(layers):
-        src, dst = f"{p}encoder.layers.{i}.", f"expert_encoder.transformer.resblocks.{i}.0."
-        for t in ("weight", "bias"):
-            qkv = [state[f"{src}self_attn.{n}_proj.{t}"] for n in "qkv"]
-            out[f"{dst}attn.in_proj_{t}"] = torch.cat(qkv, dim=0)
-            out[f"{dst}attn.out_proj.{t}"] = state[f"{src}self_attn.out_proj.{t}"]
-            out[f"{dst}ln_1.{t}"] = state[f"{src}layer_norm1.{t}"]
-            out[f"{dst}ln_2.{t}"] = state[f"{src}layer_norm2.{t}"]
-            out[f"{dst}mlp.c_fc.{t}"] = state[f"{src}mlp.fc1.{t}"]
-            out[f"{dst}mlp.c_proj.{t}"] = state[f"{src}mlp.fc2.{t}"]
-    return out
-
-
-_ROBERTA_LAYER_PARTS = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "attention.output.LayerNorm",
-    "intermediate.dense",
-    "output.dense",
-    "output.LayerNorm",
-)
-
-
-def roberta_to_prismer(
-    state: Mapping[str, torch.Tensor], config: ModelConfig, source: str = ""
-) -> dict[str, torch.Tensor]:
-    """Map a transformers RoBERTa (``RobertaForMaskedLM``/``RobertaModel``) state dict to ``text_decoder.*``.
-
-    Layer ``i`` becomes ``layer.i.0`` (the pretrained half of each decoder layer); embeddings and the LM head
-    (when present) keep their names. The tied decoder weight comes with the word embeddings.
-    """
-    state = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in state.items()}
-    p = _find_prefix(state, "embeddings.word_embeddings.weight", "RoBERTa", source)
-    layers = {int(m.group(1)) for k in state if (m := re.match(re.escape(p) + r"encoder\.layer\.(\d+)\.", k))}
-    if len(layers) != config.text_layers:
-        raise ValueError(
-            f"{source!r} has {len(layers)} RoBERTa layers, config {config.name!r} has {config.text_layers}"
-        )
-    out = {}
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm"):
-        for t in ("weight", "bias") if name == "LayerNorm" else ("weight",):
-            out[f"text_decoder.roberta.embeddings.{name}.{t}"] = state[f"{p}embeddings.{name}.{t}"]
-    for i in sorted(layers):
-        for part in _ROBERTA_LAYER_PARTS:
-            for t in ("weight", "bias"):
-                out[f"text_decoder.roberta.encoder.layer.{i}.0.{part}.{t}"] = state[
-                    f"{p}encoder.layer.{i}.{part}.{t}"
-                ]
-    head = {k.removeprefix("lm_head."): v for k, v in state.items() if k.startswith("lm_head.")}
-    if not head:
-        logger.warning(
-            "%s has no LM head; text_decoder.lm_head keeps its initialisation", source or "checkpoint"
-        )
-    for name in ("dense.weight", "dense.bias", "layer_norm.weight", "layer_norm.bias"):
-        if name in head:
-            out[f"text_decoder.lm_head.{name}"] = head[name]
-    bias = head.get("bias", head.get("decoder.bias"))
-    if bias is not None:
-        out["text_decoder.lm_head.bias"] = bias
-    return out

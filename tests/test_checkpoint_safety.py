@@ -16,7 +16,7 @@ import torch
 from test_trainer_loop import toy_labels  # noqa: F401  (the module-scoped fixture)
 
 from prismer_trainer.__main__ import main as trainer_cli
-from prismer_trainer.train import latest_checkpoint, native_rng_states, restore_rng, rng_states
+from prismer_trainer.checkpoint import latest_checkpoint, native_rng_states, restore_rng, rng_states
 
 CHECKPOINT_FILES = ("model.pt", "optimizer.pt", "scheduler.pt", "rng_rank0.pt")
 

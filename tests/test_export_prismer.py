@@ -30,6 +30,7 @@ from expert_zoo.ocr import CharNetOCR
 from expert_zoo.registry import register
 from label_pipeline.cli import main
 from label_pipeline.decode import decode_image
+from label_pipeline.export_prismer import detection_json, word_side_file
 from label_pipeline.format import decode_npy, decode_png
 from label_pipeline.tario import read_tar_samples
 
@@ -308,6 +309,26 @@ def test_export_is_reproducible(exported: dict[str, Any], tmp_path: Path) -> Non
     }
     second = {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()}
     assert first == second
+
+
+def test_word_side_file_keys_rows_by_instance() -> None:
+    """Row i of the features belongs to word i of the json list, whose pixel value is its ``instance``
+    (not necessarily i); the file holds plain tensors only."""
+    import io
+
+    words = [{"instance": 2, "text": "exit"}, {"instance": 0, "text": "stop"}, {"instance": 1, "text": "go"}]
+    features = np.stack([synthetic_word_feature(i, w["text"]) for i, w in enumerate(words)])
+    side = torch.load(io.BytesIO(word_side_file(words, features)), weights_only=True)
+    assert sorted(side) == [0, 1, 2]
+    for row, word in enumerate(words):
+        assert side[word["instance"]]["text"] == word["text"]
+        np.testing.assert_array_equal(
+            side[word["instance"]]["features"].numpy(), features[row].astype(np.float32)
+        )
+    assert json.loads(detection_json([{"instance": 1, "class_id": 700}, {"instance": 0, "class_id": 3}])) == {
+        "1": 700,
+        "0": 3,
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def label_all(sizes: list[tuple[int, int]], limit: int) -> tuple[list[list[str]]
     """Chunks (keys) labelled through the read-ahead under a budget, and what was held at each decode."""
     budget = PixelBudget(limit)
     seen: list[tuple[int, int]] = []
-    labeler = Labeler({"edge": CannyEdge()}, batch_size=4)
+    labeler = Labeler({"edge": CannyEdge()})
     chunks = []
     for chunk in read_ahead(chunked(watched_items(sizes, budget, seen), 4, budget), 2, budget.close):
         held = sum(item.pixel_bytes for item in chunk)
@@ -139,7 +139,7 @@ def test_a_reader_waiting_for_room_stops_when_the_consumer_does():
                 third_read.set()
             yield decoded_item(f"{index:03d}", 64, 64)
 
-    labeler = Labeler({"edge": CannyEdge()}, batch_size=2)
+    labeler = Labeler({"edge": CannyEdge()})
     members = _labelled_members(items(), labeler, ["edge"], [], max_bytes_in_flight=64 * 64 * 3 * 2)
     next(members)  # the first image is labelled; the reader has two more and waits for room
     assert third_read.wait(timeout=10)

@@ -455,7 +455,7 @@ def test_runner_block_is_validated_strictly():
 
 def test_a_chunk_is_put_once_for_every_expert(cluster):
     """The labeler hands every expert the same object-store reference for a chunk."""
-    from label_pipeline.runners.ray_actors import ChunkContext
+    from label_pipeline.runners.ray_executor import ChunkContext
 
     context = ChunkContext()
     arrays = [np.zeros((4, 5, 3), np.uint8), np.ones((6, 7, 3), np.uint8)]

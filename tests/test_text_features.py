@@ -32,16 +32,12 @@ from label_pipeline.cli import main
 from label_pipeline.embedding_tables import read_tables, table_texts, updated_tables
 from label_pipeline.format import decode_npy, encode_json, encode_npy, encode_png
 from label_pipeline.verify import _verify_sample
-from prismer_trainer.loader import (
-    LabelEmbeddings,
-    SampleDecoder,
-    ShardStream,
-    WordTokenizer,
-    default_embeddings,
-    require_word_features,
-    to_model_inputs,
-)
+from prismer_trainer.batches import to_model_inputs
+from prismer_trainer.embeddings import LabelEmbeddings, default_embeddings, require_word_features
 from prismer_trainer.model import embedding_map
+from prismer_trainer.samples import SampleDecoder
+from prismer_trainer.stream import BatchStream
+from prismer_trainer.text import WordTokenizer
 
 register_test_experts()
 CONTEXT = 16  # the tiny tower's context length (CLIP's is 77): long texts get truncated
@@ -396,7 +392,7 @@ def ocr_decoder(hashed_words: bool) -> SampleDecoder:
 def test_the_trainer_embeds_an_ocr_pixel_with_that_words_stored_feature(labelled):
     shards = sorted(str(p) for p in (labelled / "shards").glob("*.tar"))
     embeddings = LabelEmbeddings.from_dir(labelled)  # the label root's own tables
-    batches = list(ShardStream(shards, ocr_decoder(False), embeddings, 8, train=False))
+    batches = list(BatchStream(shards, ocr_decoder(False), embeddings, 8, train=False))
     checked = 0
     for batch in batches:
         maps = embedding_map(**to_model_inputs(batch, "cpu")["ocr_detection"])  # [b, 64, 16, 16]
@@ -435,9 +431,9 @@ def test_words_without_stored_features_are_masked_except_in_the_tiny_demo(tmp_pa
     with open(shard, "wb") as handle:
         write_tar(handle, [members])
     hashed = LabelEmbeddings.hashed()
-    real = next(iter(ShardStream([str(shard)], ocr_decoder(False), hashed, 1, train=False)))
+    real = next(iter(BatchStream([str(shard)], ocr_decoder(False), hashed, 1, train=False)))
     assert real["present"]["ocr_detection"].tolist() == [False]
-    demo = next(iter(ShardStream([str(shard)], ocr_decoder(True), hashed, 1, train=False)))
+    demo = next(iter(BatchStream([str(shard)], ocr_decoder(True), hashed, 1, train=False)))
     assert demo["present"]["ocr_detection"].tolist() == [True]
     word = embedding_map(**to_model_inputs(demo, "cpu")["ocr_detection"])[0, :, 0, 0]
     assert torch.equal(word, torch.from_numpy(hashed.vector(("word", "cat"))))

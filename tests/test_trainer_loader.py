@@ -3,6 +3,8 @@ resumes at any batch, ranks split the shards, and batches stay small."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -14,25 +16,21 @@ from reference_data import reference_dir
 
 from label_pipeline.format import encode_json, encode_png
 from label_pipeline.tario import write_tar
-from prismer_trainer.loader import (
-    AugmentConfig,
-    GeometricOp,
+from prismer_trainer.augment import AugmentConfig, GeometricOp, joint_transform, random_resized_crop_box
+from prismer_trainer.batches import batch_nbytes, to_model_inputs
+from prismer_trainer.embeddings import LabelEmbeddings
+from prismer_trainer.model import embedding_map
+from prismer_trainer.samples import SampleDecoder
+from prismer_trainer.shards import read_shard
+from prismer_trainer.stream import BatchStream, make_loader
+from prismer_trainer.text import (
     HFTokenizer,
-    LabelEmbeddings,
-    SampleDecoder,
-    ShardStream,
     TokenizerUnavailable,
     WordTokenizer,
-    batch_nbytes,
     caption_tokens,
-    joint_transform,
-    make_loader,
     pre_caption,
-    random_resized_crop_box,
-    to_model_inputs,
     training_text,
 )
-from prismer_trainer.model import embedding_map
 
 ALL_EXPERTS = ("depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection")
 
@@ -251,7 +249,7 @@ def test_missing_or_broken_expert_members_are_masked(tmp_path):
             [(name, damaged.get(name, data)) for name, data in broken_members],
         ],
     )
-    stream = ShardStream([shard], make_decoder(None), LabelEmbeddings.hashed(), 8, train=False)
+    stream = BatchStream([shard], make_decoder(None), LabelEmbeddings.hashed(), 8, train=False)
     batch = next(iter(stream))
     assert batch["keys"] == ["a", "b", "d"]
     present = {name: flags.tolist() for name, flags in batch["present"].items()}
@@ -273,7 +271,7 @@ def test_missing_or_broken_expert_members_are_masked(tmp_path):
 def test_device_embedding_maps_equal_prismer_cpu_maps(tmp_path):
     shards = small_dataset(tmp_path, shards=1, per_shard=4)
     embeddings = LabelEmbeddings.hashed()
-    batch = next(iter(ShardStream(shards, make_decoder(None), embeddings, 4, train=False)))
+    batch = next(iter(BatchStream(shards, make_decoder(None), embeddings, 4, train=False)))
     experts = to_model_inputs(batch, "cpu")
     for name, vectors in {
         "seg_coco": {7: embeddings.class_vector("seg_coco", 7)},
@@ -307,7 +305,7 @@ def test_loader_rebuilds_prismers_golden_model_inputs(tmp_path):
     shard = write_label_shard(tmp_path / "shards" / "00000.tar", samples)
     decoder = SampleDecoder(("seg_coco", "obj_detection"), make_decoder(None).tokenizer, 224, None)
     embeddings = LabelEmbeddings.from_dir(tables)  # Prismer's CLIP-PCA class tables
-    batch = next(iter(ShardStream([shard], decoder, embeddings, 2, train=False)))
+    batch = next(iter(BatchStream([shard], decoder, embeddings, 2, train=False)))
     experts = to_model_inputs(batch, "cpu")
     np.testing.assert_allclose(experts["rgb"].numpy(), rgb, atol=1e-5)
     for name in ("seg_coco", "obj_detection"):
@@ -325,7 +323,7 @@ def test_loader_rebuilds_prismers_golden_model_inputs(tmp_path):
 # ------------------------------------------------------------------------------------------------
 def _batches(shards, start, count, workers, rank=0, world=1, buffer=5):
     augment = AugmentConfig(crop_scale=(0.5, 1.5))
-    stream = ShardStream(
+    stream = BatchStream(
         shards,
         make_decoder(augment),
         LabelEmbeddings.hashed(),
@@ -360,11 +358,62 @@ def test_stream_resumes_exactly_at_any_batch(tmp_path):
             assert torch.equal(got["ids"]["seg_coco"], expected["ids"]["seg_coco"])
 
 
+class _CountingFile(io.RawIOBase):
+    """A seekable local file that counts the bytes read through it."""
+
+    def __init__(self, path: str) -> None:
+        self.raw = open(path, "rb", buffering=0)  # noqa: SIM115 (closed with this wrapper)
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer) -> int:
+        count = self.raw.readinto(buffer)
+        self.bytes_read += count
+        return count
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def test_fast_forward_lists_samples_without_reading_their_bytes(tmp_path, monkeypatch):
+    # Resuming replays every sample a stream already gave on names only: for a run far into its data
+    # that must cost tar headers, not the shards' bytes.
+    shard = small_dataset(tmp_path, shards=1, per_shard=5, size=(240, 320))[0]
+    decoder = make_decoder(None)
+    opened: list[_CountingFile] = []
+
+    def counting_open(url: str, mode: str = "rb"):
+        opened.append(_CountingFile(url))
+        return contextlib.closing(opened[-1])
+
+    monkeypatch.setattr("prismer_trainer.shards.fsspec.open", counting_open)
+    with_data = list(read_shard(shard, decoder.wants, decoder.members_to_read))
+    names_only = list(read_shard(shard, decoder.wants, decoder.members_to_read, with_data=False))
+    assert [k for k, _ in names_only] == [k for k, _ in with_data] == [f"s0_{i:03d}" for i in range(5)]
+    assert all(set(data) <= set(names) for (_, data), (_, names) in zip(with_data, names_only))
+    assert all(value == b"" for _, names in names_only for value in names.values())
+    size = Path(shard).stat().st_size
+    assert opened[0].bytes_read >= size * 0.9  # (a full read, for comparison)
+    assert opened[1].bytes_read < size * 0.1, (opened[1].bytes_read, size)
+
+
 def test_ranks_and_workers_read_disjoint_shards(tmp_path):
     shards = small_dataset(tmp_path, shards=4, per_shard=3)
     seen = []
     for rank in range(2):
-        stream = ShardStream(
+        stream = BatchStream(
             shards, make_decoder(None), LabelEmbeddings.hashed(), 2, train=False, rank=rank, world_size=2
         )
         seen.append({k for batch in make_loader(stream, num_workers=2) for k in batch["keys"]})
@@ -380,7 +429,7 @@ def test_ranks_and_workers_read_disjoint_shards(tmp_path):
 def test_batches_are_fifty_times_smaller_than_prismer_maps(tmp_path):
     shards = small_dataset(tmp_path, shards=1, per_shard=4, size=(240, 320))
     decoder = SampleDecoder(ALL_EXPERTS, make_decoder(None).tokenizer, 224, None)
-    batch = next(iter(ShardStream(shards, decoder, LabelEmbeddings.hashed(), 4, train=False)))
+    batch = next(iter(BatchStream(shards, decoder, LabelEmbeddings.hashed(), 4, train=False)))
     ours = batch_nbytes(batch)
     pixels = 224 * 224
     # Prismer per sample: float RGB, depth, normal, edge; 64-channel float maps for seg, det, OCR; int64 ids.

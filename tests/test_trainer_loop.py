@@ -19,8 +19,9 @@ from builders import image_bytes, write_manifest, write_wds
 
 from label_pipeline.cli import main as label_pipeline
 from prismer_trainer.__main__ import main as trainer_cli
-from prismer_trainer.configs import TrainConfig, stage_config
-from prismer_trainer.train import LearningRate, RunOptions, latest_checkpoint, train
+from prismer_trainer.checkpoint import latest_checkpoint
+from prismer_trainer.train import LearningRate, TrainOptions, train
+from prismer_trainer.train_config import TrainConfig, stage_config
 
 REPO = Path(__file__).resolve().parent.parent
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 30)}
@@ -83,7 +84,7 @@ def toy_config(**changes) -> TrainConfig:
 def overfit_run(toy_labels, tmp_path_factory):
     out = tmp_path_factory.mktemp("overfit")
     config = toy_config(max_steps=150, sample_captions=8)
-    options = RunOptions(dataset="toy", labels_root=str(toy_labels), out_dir=out, resume=False, threads=1)
+    options = TrainOptions(dataset="toy", labels_root=str(toy_labels), out_dir=out, resume=False, threads=1)
     return train(config, options), out
 
 
@@ -130,8 +131,8 @@ def test_resume_repeats_the_uninterrupted_losses(toy_labels, tmp_path):
     # schedule, the optimizer and the RNGs exactly where the checkpoint left them.
     config = toy_config(max_steps=6, checkpoint_every=3, num_workers=2, randaug_n=2, hflip=0.5)
 
-    def options(out: Path, **extra) -> RunOptions:
-        return RunOptions(dataset="toy", labels_root=str(toy_labels), out_dir=out, threads=1, **extra)
+    def options(out: Path, **extra) -> TrainOptions:
+        return TrainOptions(dataset="toy", labels_root=str(toy_labels), out_dir=out, threads=1, **extra)
 
     whole = train(config, options(tmp_path / "whole"))
     first = train(config, options(tmp_path / "split", stop_after=3))
@@ -193,7 +194,7 @@ def test_vqa_stage_trains_and_ranks_answers(toy_labels, tmp_path):
     out = tmp_path / "vqa"
     config = toy_config(max_steps=60, lr=3e-3, max_words=10)
     config = config.replace(stage="vqa", task="vqa")
-    options = RunOptions(
+    options = TrainOptions(
         dataset="toy",
         labels_root=str(toy_labels),
         out_dir=out,

@@ -17,7 +17,6 @@ from expert_zoo.weights import (
     WeightsUnavailable,
     file_sha256,
     parse_hf_source,
-    prefetch,
     resolve_weights,
     url_cache_path,
 )
@@ -201,14 +200,3 @@ def test_hf_hub_offline_empty_cache_fails_fast(
     message = str(info.value)
     assert "normal" in message and source in message and "make weights EXPERTS=normal" in message
     assert "local path" in message and "weights" in message
-
-
-def test_prefetch_reports_every_failure(weights_file: Path, tmp_path: Path) -> None:
-    assert prefetch({"depth": str(weights_file)}) == {"depth": weights_file}
-    with pytest.raises(ExpertUnavailable) as info:
-        prefetch({"depth": str(weights_file), "edge": str(tmp_path / "a"), "normal": str(tmp_path / "b")})
-    assert (
-        "2 of 3" in str(info.value)
-        and "EXPERTS=edge" in str(info.value)
-        and "EXPERTS=normal" in str(info.value)
-    )

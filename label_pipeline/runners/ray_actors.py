@@ -8,13 +8,14 @@ task, decides what is sent: see ``ray_executor``). It keeps a small crash ledger
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,35 +37,29 @@ class CrashLedger:
     """
 
     def __init__(self, actor_id: str) -> None:
-        directory = os.path.join(tempfile.gettempdir(), "label-pipeline-actors")
-        os.makedirs(directory, exist_ok=True)
-        base = os.path.join(directory, actor_id)
-        self.current_path, self.kills_path = f"{base}.current", f"{base}.kills.json"
+        directory = Path(tempfile.gettempdir(), "label-pipeline-actors")
+        directory.mkdir(exist_ok=True)
+        self.current, self.ledger = directory / f"{actor_id}.current", directory / f"{actor_id}.kills.json"
         try:
-            with open(self.kills_path) as handle:
-                self.kills: dict[str, int] = json.load(handle)
+            self.kills: dict[str, int] = json.loads(self.ledger.read_text())
         except (FileNotFoundError, ValueError):
             self.kills = {}
-        if os.path.exists(self.current_path):
-            with open(self.current_path) as handle:
-                batch_id = handle.read().strip()
+        if self.current.exists():  # the previous incarnation died running this batch
+            batch_id = self.current.read_text().strip()
             if batch_id:
                 self.kills[batch_id] = self.kills.get(batch_id, 0) + 1
-                with open(self.kills_path, "w") as handle:
-                    json.dump(self.kills, handle)
-            os.remove(self.current_path)
+                self.ledger.write_text(json.dumps(self.kills))
+            self.current.unlink()
 
     def start(self, batch_id: str) -> None:
-        with open(self.current_path, "w") as handle:
-            handle.write(batch_id)
+        self.current.write_text(batch_id)
 
     def finish(self) -> None:
-        os.remove(self.current_path)
+        self.current.unlink()
 
     def remove(self) -> None:
-        for path in (self.current_path, self.kills_path):
-            if os.path.exists(path):
-                os.remove(path)
+        for path in (self.current, self.ledger):
+            path.unlink(missing_ok=True)
 
 
 class ExpertActor:
@@ -184,57 +179,31 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-@dataclass
-class ExpertCounters:
-    batches: int = 0
-    images: int = 0
-    busy_s: float = 0.0
-    warm_batches: int = 0  # what calibration uses: every batch but each replica's first (warm-up)
-    warm_images: int = 0
-    warm_busy_s: float = 0.0
-    failed_batches: int = 0
-    oom_splits: int = 0
-    crashes: int = 0
-    quarantined: int = 0
-    resubmitted: int = 0
-    queued: dict[int, int] = field(default_factory=dict)  # replica → batches submitted, not finished
-    busy_by_replica: dict[int, float] = field(default_factory=dict)
-    compute_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
-    roundtrip_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "batches": self.batches,
-            "images": self.images,
-            "busy_s": round(self.busy_s, 3),
-            "warm_batches": self.warm_batches,
-            "warm_images": self.warm_images,
-            "warm_busy_s": round(self.warm_busy_s, 6),
-            "busy_by_replica": {str(r): round(s, 3) for r, s in sorted(self.busy_by_replica.items())},
-            "queued": sum(self.queued.values()),
-            "failed_batches": self.failed_batches,
-            "oom_splits": self.oom_splits,
-            "crashes": self.crashes,
-            "quarantined": self.quarantined,
-            "resubmitted": self.resubmitted,
-            "latency_buckets_s": list(LATENCY_BUCKETS_S),
-            "compute_latency_hist": list(self.compute_hist),
-            "roundtrip_latency_hist": list(self.roundtrip_hist),
-        }
+def _counters() -> dict[str, Any]:
+    hist = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    return {
+        **dict.fromkeys(("batches", "images", "busy_s", "queued", "failed_batches"), 0),
+        # what calibration uses: every batch but each replica's first (its warm-up)
+        **dict.fromkeys(("warm_batches", "warm_images", "warm_busy_s"), 0),
+        **dict.fromkeys(("oom_splits", "crashes", "quarantined", "resubmitted"), 0),
+        "busy_by_replica": {},
+        "latency_buckets_s": list(LATENCY_BUCKETS_S),
+        "compute_latency_hist": list(hist),
+        "roundtrip_latency_hist": list(hist),
+    }
 
 
 class RunMonitor:
-    """Collects fire-and-forget events from the shard tasks' executors; the driver reads ``snapshot()``
-    and sets the stop flag every shard task checks before each chunk (Ctrl-C)."""
+    """Counts what the shard tasks' executors report (fire-and-forget) for the live view, the planner
+    and the stats file; holds the stop flag every shard task checks before each chunk (Ctrl-C)."""
 
     def __init__(self) -> None:
         self.reset([])
 
     def reset(self, tasks: Sequence[str]) -> None:
-        self.started = time.time()
-        self.experts = {task: ExpertCounters() for task in tasks}
-        self.cpu_images, self.cpu_s = 0, 0.0
-        self.stop_requested = False
+        self.started, self.stop_requested = time.time(), False
+        self.experts = {task: _counters() for task in tasks}
+        self.cpu = {"images": 0, "seconds": 0.0}  # shard tasks' CPU time: read, decode, encode, write
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -242,41 +211,30 @@ class RunMonitor:
     def stopping(self) -> bool:
         return self.stop_requested
 
-    def cpu(self, images: int, seconds: float) -> None:
-        """CPU time the shard tasks spent on ``images`` (read, decode, encode, write)."""
-        self.cpu_images += images
-        self.cpu_s += seconds
-
-    def submitted(self, task: str, replica: int) -> None:
-        queued = self.experts[task].queued
-        queued[replica] = queued.get(replica, 0) + 1
+    def add(self, task: str | None, **amounts: float) -> None:
+        """Add to ``task``'s counters (or, without a task, to the shard tasks' CPU counters)."""
+        counters = self.cpu if task is None else self.experts[task]
+        for name, amount in amounts.items():
+            counters[name] += amount
 
     def finished(
         self, task: str, replica: int, images: int, roundtrip_s: float, compute_s: float | None
     ) -> None:
         c = self.experts[task]
-        c.queued[replica] = max(c.queued.get(replica, 0) - 1, 0)
+        c["queued"] -= 1
         if compute_s is None:
-            c.failed_batches += 1
+            c["failed_batches"] += 1
             return
-        if replica in c.busy_by_replica:  # not this replica's first batch
-            c.warm_batches += 1
-            c.warm_images += images
-            c.warm_busy_s += compute_s
-        c.batches += 1
-        c.images += images
-        c.busy_s += compute_s
-        c.busy_by_replica[replica] = c.busy_by_replica.get(replica, 0.0) + compute_s
-        c.compute_hist[bisect.bisect_left(LATENCY_BUCKETS_S, compute_s)] += 1
-        c.roundtrip_hist[bisect.bisect_left(LATENCY_BUCKETS_S, roundtrip_s)] += 1
-
-    def event(self, task: str, kind: str) -> None:
-        counters = self.experts[task]
-        setattr(counters, kind, getattr(counters, kind) + 1)
+        busy = c["busy_by_replica"]
+        if replica in busy:  # not this replica's first batch
+            self.add(task, warm_batches=1, warm_images=images, warm_busy_s=compute_s)
+        self.add(task, batches=1, images=images, busy_s=compute_s)
+        busy[replica] = busy.get(replica, 0.0) + compute_s
+        c["compute_latency_hist"][bisect.bisect_left(LATENCY_BUCKETS_S, compute_s)] += 1
+        c["roundtrip_latency_hist"][bisect.bisect_left(LATENCY_BUCKETS_S, roundtrip_s)] += 1
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "elapsed_s": round(time.time() - self.started, 3),
-            "experts": {task: counters.as_dict() for task, counters in self.experts.items()},
-            "cpu": {"images": self.cpu_images, "seconds": round(self.cpu_s, 6)},
-        }
+        experts = copy.deepcopy(self.experts)
+        for counters in experts.values():
+            counters["busy_by_replica"] = {str(r): s for r, s in sorted(counters["busy_by_replica"].items())}
+        return {"elapsed_s": time.time() - self.started, "experts": experts, "cpu": dict(self.cpu)}

@@ -1,15 +1,4 @@
-"""The ``runner: {ray: …}`` block of a manifest, strictly validated.
-
-```yaml
-runner:
-  ray:
-    replicas: {depth: 2}          # fixed replica counts (the planner decides the others)
-    num_gpus: {edge: 0.25}        # GPUs per replica; fractions share a card, 0 runs on CPU
-    num_cpus: {ocr_detection: 2}  # CPUs reserved per replica
-    batch_sizes: {depth: 8}       # per-expert batch size (experts must be batch-invariant)
-    calibrate_batch_size: true    # time a few synthetic batches to choose the others' (default: on CUDA)
-    shards_in_flight: 8           # shards being labelled at once (backpressure bound)
-```
+"""The ``runner: {ray: …}`` block of a manifest, strictly validated (every key: docs/CLUSTER.md).
 
 Importing this module does not import Ray.
 """
@@ -21,106 +10,76 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from label_pipeline.config import ConfigError
+from label_pipeline.config import ConfigError, check_fields, check_type, did_you_mean
 
 OTHER_RUNNERS = ("local",)  # sibling blocks under ``runner:`` that this module leaves alone
+PER_TASK = ("replicas", "num_gpus", "num_cpus", "batch_sizes")  # maps task → value
+
+
+def _at_least(minimum: float, default: Any = None) -> Any:
+    """A field whose value (each value, for a per-task map) must be a finite number >= ``minimum``."""
+    if default is dict:
+        return field(default_factory=dict, metadata={"min": minimum})
+    return field(default=default, metadata={"min": minimum})
 
 
 @dataclass
 class RayRunnerConfig:
-    replicas: dict[str, int] = field(default_factory=dict)
-    num_gpus: dict[str, float] = field(default_factory=dict)
-    num_cpus: dict[str, float] = field(default_factory=dict)
-    batch_sizes: dict[str, int] = field(default_factory=dict)
-    shards_in_flight: int | None = None  # default: enough to keep >= 2 batches queued per replica
-    shard_cpus: float | None = None  # CPUs reserved per shard task; default fits the cluster
-    shard_attempts: int = 3  # a shard failing this many times is recorded as failed
-    max_restarts: int = -1  # restarts of a dead expert actor (-1: unlimited)
-    batch_retries: int = 2  # resubmissions of a batch whose actor died while running it
-    quarantine_after: int = 2  # actor deaths caused by one sample before it is given up on
-    calibration_batches: int = 2  # timed batches per expert for the planner (0: no calibration)
+    replicas: dict[str, int] = _at_least(1, dict)  # fixed replica counts (the planner sizes the others)
+    num_gpus: dict[str, float] = _at_least(0, dict)  # GPUs per replica; fractions share a card, 0: CPU
+    num_cpus: dict[str, float] = _at_least(0, dict)  # CPUs reserved per replica
+    batch_sizes: dict[str, int] = _at_least(1, dict)  # an expert's batch_size option, on this runner only
+    shards_in_flight: int | None = _at_least(1)  # default: enough to keep >= 2 batches queued per replica
+    shard_cpus: float | None = _at_least(0)  # CPUs reserved per shard task; default fits the cluster
+    shard_attempts: int = _at_least(1, 3)  # a shard failing this many times is recorded as failed
+    max_restarts: int = _at_least(-1, -1)  # restarts of a dead expert actor (-1: unlimited)
+    batch_retries: int = _at_least(0, 2)  # resubmissions of a batch whose actor died while running it
+    quarantine_after: int = _at_least(1, 2)  # actor deaths caused by one sample before it is given up on
+    calibration_batches: int = _at_least(0, 2)  # timed batches per expert for the planner (0: no planning)
     calibrate_batch_size: bool | None = None  # None: for experts whose replica runs on CUDA
-    max_replicas: int = 8  # per expert, for the planner
-    actor_start_timeout_s: float = 600.0
-    progress_interval_s: float = 15.0
+    max_replicas: int = _at_least(1, 8)  # per expert, for the planner
+    actor_start_timeout_s: float = _at_least(1, 600.0)
+    progress_interval_s: float = _at_least(0.1, 15.0)
     runtime_env: dict[str, Any] = field(default_factory=dict)  # passed to ray.init when joining
 
-
-_INT_FIELDS = {
-    "shards_in_flight": 1,
-    "shard_attempts": 1,
-    "max_restarts": -1,
-    "batch_retries": 0,
-    "quarantine_after": 1,
-    "calibration_batches": 0,
-    "max_replicas": 1,
-}
-_FLOAT_FIELDS = {"shard_cpus": 0.0, "actor_start_timeout_s": 1.0, "progress_interval_s": 0.1}
-_PER_TASK = {
-    "replicas": (int, 1),
-    "num_gpus": (float, 0.0),
-    "num_cpus": (float, 0.0),
-    "batch_sizes": (int, 1),
-}
+    def __post_init__(self) -> None:
+        if self.calibrate_batch_size not in (None, True, False):
+            raise ConfigError(
+                f"runner.ray.calibrate_batch_size: expected true or false, got {self.calibrate_batch_size!r}"
+            )
+        check_fields(self, "runner.ray")
+        for item in fields(self):
+            value, minimum = getattr(self, item.name), item.metadata.get("min")
+            numbers = value.items() if isinstance(value, dict) else [(None, value)]
+            for key, number in numbers if minimum is not None else []:
+                if number is not None and not (math.isfinite(number) and number >= minimum):
+                    where = f"runner.ray.{item.name}" + (f".{key}" if key is not None else "")
+                    raise ConfigError(f"{where}: must be >= {minimum:g}, got {number!r}")
+        if self.quarantine_after > self.batch_retries + 1:
+            raise ConfigError(
+                "runner.ray.quarantine_after: must be <= batch_retries + 1 (a batch runs at most "
+                f"{self.batch_retries + 1} times), got {self.quarantine_after}"
+            )
 
 
 def parse_ray_config(runner: Mapping[str, Any], known_tasks: Iterable[str]) -> RayRunnerConfig:
     """Validate ``manifest.runner``; per-task maps must name tasks the registry knows."""
-    if not isinstance(runner, Mapping):
-        raise ConfigError(f"runner: expected a mapping, got {type(runner).__name__}")
-    unknown = sorted(set(runner) - {"ray", *OTHER_RUNNERS})
-    if unknown:
-        raise ConfigError(f"runner: unknown key(s) {unknown}; allowed: {sorted({'ray', *OTHER_RUNNERS})}")
+    check_type(runner, dict[str, Any], "runner")
+    _known_keys(runner, ["ray", *OTHER_RUNNERS], "runner")
     data = runner.get("ray") or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"runner.ray: expected a mapping, got {type(data).__name__}")
-    allowed = {f.name for f in fields(RayRunnerConfig)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"runner.ray: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    check_type(data, dict[str, Any], "runner.ray")
+    _known_keys(data, [f.name for f in fields(RayRunnerConfig)], "runner.ray")
+    config = RayRunnerConfig(**{key: value for key, value in data.items() if value is not None})
     tasks = set(known_tasks)
-    values: dict[str, Any] = {}
-    for name, (kind, minimum) in _PER_TASK.items():
-        values[name] = _per_task(data.get(name) or {}, f"runner.ray.{name}", kind, minimum, tasks)
-    for name, minimum in _INT_FIELDS.items():
-        if data.get(name) is not None:
-            values[name] = _number(data[name], f"runner.ray.{name}", int, minimum)
-    for name, minimum in _FLOAT_FIELDS.items():
-        if data.get(name) is not None:
-            values[name] = _number(data[name], f"runner.ray.{name}", float, minimum)
-    calibrate = data.get("calibrate_batch_size")
-    if calibrate is not None:
-        if not isinstance(calibrate, bool):
-            raise ConfigError(f"runner.ray.calibrate_batch_size: expected true or false, got {calibrate!r}")
-        values["calibrate_batch_size"] = calibrate
-    if "runtime_env" in data:
-        if not isinstance(data["runtime_env"], Mapping):
-            raise ConfigError("runner.ray.runtime_env: expected a mapping (Ray's runtime_env)")
-        values["runtime_env"] = dict(data["runtime_env"])
-    config = RayRunnerConfig(**values)
-    if config.quarantine_after > config.batch_retries + 1:
-        raise ConfigError(
-            "runner.ray.quarantine_after: must be <= batch_retries + 1 (a batch runs at most "
-            f"{config.batch_retries + 1} times), got {config.quarantine_after}"
-        )
+    for name in PER_TASK:
+        unknown = sorted(set(getattr(config, name)) - tasks)
+        if unknown:
+            raise ConfigError(f"runner.ray.{name}: unknown task(s) {unknown}; known tasks: {sorted(tasks)}")
     return config
 
 
-def _per_task(
-    data: Any, where: str, kind: type, minimum: float, tasks: set[str]
-) -> dict[str, int] | dict[str, float]:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping task → value, got {data!r}")
-    unknown = sorted(set(data) - tasks)
+def _known_keys(data: Mapping[str, Any], allowed: list[str], where: str) -> None:
+    unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown task(s) {unknown}; known tasks: {sorted(tasks)}")
-    return {task: _number(value, f"{where}.{task}", kind, minimum) for task, value in data.items()}
-
-
-def _number(value: Any, where: str, kind: type, minimum: float) -> Any:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or (kind is int and not isinstance(value, int)) or not math.isfinite(value):
-        raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{where}: must be >= {minimum}, got {value!r}")
-    return kind(value)
+        hint = did_you_mean(unknown[0], allowed)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{hint}; allowed: {sorted(allowed)}")

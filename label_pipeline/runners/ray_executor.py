@@ -140,7 +140,7 @@ class RayExecutor:
         # This process's CPU time for the chunk (all threads: read-ahead decode, encoding, tar
         # writing): the planner's measure of the CPU stage.
         now = time.process_time()
-        self.monitor.cpu.remote(len(images), now - self.cpu_mark)
+        self.monitor.add.remote(None, images=len(images), seconds=now - self.cpu_mark)
         self.cpu_mark = now
 
     def submit(
@@ -162,7 +162,7 @@ class RayExecutor:
         for _ in range(MAX_INNOCENT_RESUBMITS + 1):
             replica = self._pick(task)
             actor = self.context.experts[task].actors[replica]
-            self.monitor.submitted.remote(task, replica)
+            self.monitor.add.remote(task, queued=1)
             started = time.perf_counter()
             try:
                 labels, compute_s = ray.get(actor.predict.remote(ref, positions, deps, batch_id))
@@ -170,17 +170,15 @@ class RayExecutor:
                 self._done(task, replica, size, started, None)
                 cause = exc.cause if isinstance(exc.cause, Exception) else RuntimeError(str(exc))
                 if size > 1 and is_out_of_memory(cause):
-                    self.monitor.event.remote(task, "oom_splits")  # the labeler splits the batch
+                    self.monitor.add.remote(task, oom_splits=1)  # the labeler splits the batch
                 raise cause from None
             except RayActorError:
                 self._done(task, replica, size, started, None)
                 kills = self._kills(task, replica, batch_id)
                 if kills is None or kills < self.context.quarantine_after:
-                    self.monitor.event.remote(task, "resubmitted")
+                    self.monitor.add.remote(task, resubmitted=1)
                     continue  # it died running someone else's batch (or the node died): run ours again
-                self.monitor.event.remote(task, "crashes")
-                if size == 1:
-                    self.monitor.event.remote(task, "quarantined")
+                self.monitor.add.remote(task, crashes=1, quarantined=int(size == 1))
                 what = "sample; quarantined" if size == 1 else "batch"
                 raise ExpertCrashed(
                     f"the {task} expert's process died {kills} times while labelling this {what}"

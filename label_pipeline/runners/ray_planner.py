@@ -26,7 +26,6 @@ class ExpertProfile:
     task: str
     uses_gpu: bool
     batch_size: int
-    seconds_per_image: float | None = None  # one replica, from calibration
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Placement:
     replicas: int
     num_gpus: float
     num_cpus: float
-    batch_size: int
+    batch_size: int  # the expert's forward batch (docs/ARCHITECTURE.md, "Batch sizes")
     images_per_s: float | None = None  # one replica
     fixed: bool = False  # replica count set in the manifest
 
@@ -52,32 +51,33 @@ class ReplicaPlan:
     shard_cpus: float
     cpu_stage_images_per_s: float | None = None
 
-    @property
-    def bottleneck(self) -> str | None:
-        """The slowest stage: an expert's name, or ``shard tasks`` (read/decode/encode/write)."""
+    def _stages(self) -> dict[str, float]:
+        """Measured images/s of each stage: the experts, and ``shard tasks`` (read/decode/encode/write)."""
         stages = {p.task: p.bound for p in self.experts.values() if p.images_per_s is not None}
         if self.cpu_stage_images_per_s is not None:
             stages["shard tasks"] = self.cpu_stage_images_per_s
+        return stages
+
+    @property
+    def bottleneck(self) -> str | None:
+        stages = self._stages()
         return min(stages, key=stages.__getitem__) if stages else None
 
     @property
     def predicted_images_per_s(self) -> float | None:
-        bounds = [p.bound for p in self.experts.values() if p.images_per_s is not None]
-        if self.cpu_stage_images_per_s is not None:
-            bounds.append(self.cpu_stage_images_per_s)
-        return min(bounds) if bounds else None
+        return min(self._stages().values(), default=None)
 
     def describe(self) -> str:
         lines = [
             f"{'expert':<16}{'replicas':>9}{'GPU/rep':>9}{'CPU/rep':>9}{'batch':>7}{'img/s/rep':>11}{'bound':>9}"
         ]
         for p in self.experts.values():
-            rate = "-" if p.images_per_s is None else f"{p.images_per_s:.1f}"
-            bound = "-" if p.images_per_s is None else f"{p.bound:.1f}"
-            fixed = "*" if p.fixed else " "
+            rate, bound = (
+                ("-", "-") if p.images_per_s is None else (f"{p.images_per_s:.1f}", f"{p.bound:.1f}")
+            )
             lines.append(
-                f"{p.task:<16}{p.replicas:>8}{fixed}{p.num_gpus:>9.3g}{p.num_cpus:>9.3g}{p.batch_size:>7}"
-                f"{rate:>11}{bound:>9}"
+                f"{p.task:<16}{p.replicas:>8}{'*' if p.fixed else ' '}{p.num_gpus:>9.3g}{p.num_cpus:>9.3g}"
+                f"{p.batch_size:>7}{rate:>11}{bound:>9}"
             )
         cpu = "-" if self.cpu_stage_images_per_s is None else f"{self.cpu_stage_images_per_s:.1f} img/s"
         predicted = self.predicted_images_per_s
@@ -125,7 +125,7 @@ def first_placements(
             replicas=config.replicas.get(task, 1),
             num_gpus=num_gpus,
             num_cpus=0.0,
-            batch_size=config.batch_sizes.get(task, profile.batch_size),
+            batch_size=profile.batch_size,
             fixed=task in config.replicas,
         )
     manual = sum(p.num_gpus for t, p in placements.items() if t in config.num_gpus)

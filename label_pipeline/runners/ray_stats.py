@@ -24,8 +24,6 @@ from label_pipeline.run import PreparedRun
 from label_pipeline.runners.ray_planner import Placement, ReplicaPlan
 
 logger = logging.getLogger(__name__)
-
-
 REPLICA_FIELDS = ("node", "pid", "gpu_ids", "cuda_visible_devices", "device")
 
 
@@ -87,7 +85,6 @@ class LiveView:
 class RunStats:
     """What ``OUT/stats/ray-{time}-{id}.json`` holds; statistics never decide what is done."""
 
-    cluster: ClusterView
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
@@ -100,7 +97,7 @@ class RunStats:
     shard_retries: int = 0
     monitor: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self, prepared: PreparedRun) -> dict[str, Any]:
+    def as_dict(self, prepared: PreparedRun, cluster: ClusterView) -> dict[str, Any]:
         elapsed = ((self.finished or time.time()) - self.started) if self.started else 0.0
         predicted = self.plan.predicted_images_per_s if self.plan else None
         return {
@@ -108,7 +105,7 @@ class RunStats:
             "run_id": self.run_id,
             "created": self.created,
             "status": self.status,
-            "cluster": {"GPU": self.cluster.gpus, "CPU": self.cluster.cpus},
+            "cluster": {"GPU": cluster.gpus, "CPU": cluster.cpus},
             "shards": {
                 "planned": len(prepared.plans),
                 "labelled": len(prepared.summary.results),
@@ -125,29 +122,29 @@ class RunStats:
             else round(predicted, 3),
             "bottleneck": self.plan.bottleneck if self.plan else None,
             "cpu_stage": self.monitor.get("cpu", {}),
-            "experts": {task: self._expert(task, elapsed) for task in self.cluster.placements},
+            "experts": {task: self._expert(task, elapsed, cluster) for task in cluster.placements},
         }
 
-    def _expert(self, task: str, elapsed: float) -> dict[str, Any]:
+    def _expert(self, task: str, elapsed: float, cluster: ClusterView) -> dict[str, Any]:
         counters = self.monitor.get("experts", {}).get(task, {})
         replicas = []
-        for index, replica in enumerate(self.cluster.replicas[task]):
+        for index, replica in enumerate(cluster.replicas[task]):
             busy = counters.get("busy_by_replica", {}).get(str(index), 0.0)
             fraction = round(busy / elapsed, 4) if elapsed else None
             replicas.append({"replica": index, **replica, "busy_s": busy, "busy_fraction": fraction})
         return {
-            "placement": asdict(self.cluster.placements[task]),
+            "placement": asdict(cluster.placements[task]),
             "images_per_s": round(counters.get("images", 0) / elapsed, 3) if elapsed else None,
             **counters,
             "replicas": replicas,
         }
 
-    def write(self, prepared: PreparedRun) -> None:
+    def write(self, prepared: PreparedRun, cluster: ClusterView) -> None:
         if not prepared.plans:
             return  # nothing ran: no statistics worth keeping
         stamp = self.created.replace("-", "").replace(":", "").replace("+0000", "Z")
         path = f"{prepared.store.root}/stats/ray-{stamp}-{self.run_id}.json"
         try:
-            prepared.store.write_bytes_atomic(path, encode_json(self.as_dict(prepared)))
+            prepared.store.write_bytes_atomic(path, encode_json(self.as_dict(prepared, cluster)))
         except Exception:  # noqa: BLE001 - statistics never decide anything: failing to write them warns
             logger.warning("could not write run statistics to %s", path, exc_info=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 # Expert label inputs the model knows: name -> input channels (categorical ones carry 64-d class embeddings).
 DENSE_EXPERTS: dict[str, int] = {"depth": 1, "normal": 3, "edge": 1}
@@ -19,6 +19,22 @@ KNOWN_EXPERTS: tuple[str, ...] = (*DENSE_EXPERTS, *CATEGORICAL_EXPERTS)
 # The released models' expert list, in the order of their state-dict stems.
 DEFAULT_EXPERTS: tuple[str, ...] = ("depth", "normal", "seg_coco", "edge", "obj_detection", "ocr_detection")
 FREEZE_MODES: tuple[str, ...] = ("none", "freeze_lang", "freeze_vision", "freeze_lang_vision")
+# Hub ids without an organisation were moved; the hub resolves them only through redirects.
+LEGACY_HUB_IDS: dict[str, str] = {
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+}
+
+_Config = TypeVar("_Config")
+
+
+def config_from_dict(cls: type[_Config], data: Mapping[str, Any]) -> _Config:
+    """``cls(**data)`` for a config dataclass, naming unknown fields (e.g. from a newer checkpoint)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+    return cls(**dict(data))
 
 
 @dataclass
@@ -125,11 +141,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}")
-        return cls(**dict(data))
+        return config_from_dict(cls, data)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
