@@ -168,7 +168,7 @@ class AdaptedClipBlock(nn.ModuleList):
     """``[ClipBlock, Adaptor]``: attention, adaptor, then MLP (list indices give the ``.0.``/``.1.`` keys)."""
 
     def __init__(self, width: int, heads: int) -> None:
-        super().__init__([ClipBlock(width, heads), Adaptor(width, eps=1e-6)])
+        super().__init__([ClipBlock(width, heads), Adaptor(width)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block, adaptor = self[0], self[1]

@@ -1,7 +1,8 @@
 """Prismer model (prismer_trainer.model): state-dict layout, freezing, golden forward and beam search, tiny
 config, categorical-id inputs and the CLIP/RoBERTa pretrained-weight mapping.
 
-Golden data: ../shared/reference/prismer_model (see its README); those tests skip when it is absent.
+Golden data: ../shared/reference/prismer_model (see its README); those tests skip when it is absent
+(and fail under CI or --require-reference, see tests/reference_data.py).
 """
 
 from __future__ import annotations
