@@ -8,7 +8,7 @@ import os
 import re
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,17 @@ class Manifest:
             raise ConfigError(f"experts: task(s) {duplicated} listed more than once")
         if self.batch_size is not None:
             _check_positive(self.batch_size, "batch_size")
-            _apply_deprecated_batch_size(self.experts, self.batch_size)
+            logging.getLogger(__name__).warning(
+                "batch_size: a manifest-wide batch_size is deprecated; it is applied as options.batch_size "
+                "of each expert that sets none. Set it per expert (docs/ARCHITECTURE.md, 'Batch sizes')"
+            )
+
+    def runnable_experts(self) -> list[ExpertRequest]:
+        """The expert entries as the runners build them: the deprecated manifest-wide ``batch_size``
+        is the ``batch_size`` option of each expert that sets none."""
+        if self.batch_size is None:
+            return list(self.experts)
+        return [replace(r, options={"batch_size": self.batch_size, **r.options}) for r in self.experts]
 
     def with_experts(self, names: list[str]) -> Manifest:
         """The same manifest with a different expert list (``--experts``)."""
@@ -155,16 +165,6 @@ class Manifest:
                 "experts": parse_experts(names, "--experts"),
             }
         )
-
-
-def _apply_deprecated_batch_size(experts: list[ExpertRequest], batch_size: int) -> None:
-    """The manifest-wide ``batch_size`` (deprecated) is each expert's ``batch_size`` option where unset."""
-    logging.getLogger(__name__).warning(
-        "batch_size: a manifest-wide batch_size is deprecated; it is applied as options.batch_size of "
-        "each expert that sets none. Set it per expert instead (docs/ARCHITECTURE.md, 'Batch sizes')"
-    )
-    for request in experts:
-        request.options.setdefault("batch_size", batch_size)
 
 
 def parse_experts(items: Any, where: str) -> list[ExpertRequest]:

@@ -173,9 +173,9 @@ class ExpertExecutor(Protocol):
     (docs/ARCHITECTURE.md, "Batch sizes").
     """
 
-    specs: Mapping[str, ExpertSpec]
-    fingerprints: Mapping[str, str]
-    batch_sizes: Mapping[str, int]
+    specs: dict[str, ExpertSpec]
+    fingerprints: dict[str, str]
+    batch_sizes: dict[str, int]
 
     def chunk(self, images: Sequence[np.ndarray]) -> AbstractContextManager[None]:
         """Scope of one chunk: every batch submitted inside it takes its images from ``images``."""

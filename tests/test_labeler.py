@@ -111,5 +111,9 @@ def test_a_manifest_wide_batch_size_is_deprecated_and_becomes_each_expert_s_opti
     }
     with caplog.at_level(logging.WARNING, logger="label_pipeline"):
         manifest = manifest_from_dict(data, env={})
-    assert [request.options for request in manifest.experts] == [{"batch_size": 6}, {"batch_size": 2}]
+    assert [request.options for request in manifest.experts] == [{}, {"batch_size": 2}]  # as written
+    assert [request.options for request in manifest.runnable_experts()] == [
+        {"batch_size": 6},
+        {"batch_size": 2},
+    ]
     assert "deprecated" in caplog.text

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import IO
 
-from label_pipeline.core.signals import EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from label_pipeline.core.signals import EXIT_TERMINATED, Terminated, sigterm_as_interrupt, sigterm_received
 
 EXIT_OK = 0  # done, nothing failed
 EXIT_FAILURES = 1  # finished, but failures are recorded (or an unexpected error)
@@ -77,6 +77,9 @@ def run_command(
         logger.error("stopped by SIGTERM: %s", resume_hint)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
+        if sigterm_received():  # a library re-raised our Terminated as a plain KeyboardInterrupt
+            logger.error("stopped by SIGTERM: %s", resume_hint)
+            return EXIT_TERMINATED
         logger.error("interrupted: %s", resume_hint)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback with --debug

@@ -20,8 +20,19 @@ class Terminated(KeyboardInterrupt):
     """The process received SIGTERM."""
 
 
+# Signals are process-wide: so is the record of one. Some libraries (Ray's blocking calls) turn the
+# exception raised by the handler into a plain KeyboardInterrupt; this flag keeps the real cause.
+_received: list[int] = []
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     raise Terminated(f"received signal {signum}")
+
+
+def sigterm_received() -> bool:
+    """True once SIGTERM arrived within the current ``sigterm_as_interrupt`` block."""
+    return bool(_received)
 
 
 def install_sigterm_handler() -> None:
@@ -37,6 +48,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
+    _received.clear()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 def build_experts(manifest: Manifest, device: str = "auto") -> dict:
     """Instantiate (load) every expert the manifest names; fails fast if one is unavailable."""
-    resolved = resolve_experts(manifest.experts)  # every name and option checked before a model loads
+    # every name and option checked before a model loads
+    resolved = resolve_experts(manifest.runnable_experts())
     return {task: expert.build(device) for task, expert in resolved.items()}
 
 

@@ -73,7 +73,7 @@ class ExpertActor:
 
     def __init__(self, expert_cls: type[Expert], options: Mapping[str, Any], task: str) -> None:
         self.task = task
-        self.ledger = CrashLedger(ray.get_runtime_context().get_actor_id())
+        self.ledger = CrashLedger(str(ray.get_runtime_context().get_actor_id()))
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         # With a GPU assigned the expert picks CUDA when this process can see it, else falls back to CPU.
         device = "auto" if self.gpu_ids else "cpu"

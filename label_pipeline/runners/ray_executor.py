@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
@@ -50,7 +50,7 @@ class ShardInterrupted(BaseException):
 class RemoteExpert:
     """One expert as a shard task sees it: what the labeler needs, and its replicas' actor handles."""
 
-    cls: type[Expert]  # for ``encode``, which depends only on the spec and runs here, on the CPU
+    cls: type[Expert]  # for its ``encode``
     spec: ExpertSpec
     fingerprint: str
     batch_size: int
@@ -119,8 +119,10 @@ class RayExecutor:
         self.specs = {task: e.spec for task, e in context.experts.items()}
         self.fingerprints = {task: e.fingerprint for task, e in context.experts.items()}
         self.batch_sizes = {task: e.batch_size for task, e in context.experts.items()}
+        # Expert.encode reads only self.spec: a stand-in with the spec lets it run here, on the CPU.
         self.encoders = {
-            task: (e.cls.encode, SimpleNamespace(spec=e.spec)) for task, e in context.experts.items()
+            task: (e.cls.encode, cast(Expert, SimpleNamespace(spec=e.spec)))
+            for task, e in context.experts.items()
         }
         self.replicas = {task: _Replicas([0] * len(e.actors)) for task, e in context.experts.items()}
         self.shared = ChunkContext()

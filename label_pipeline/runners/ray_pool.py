@@ -88,7 +88,7 @@ class ExpertPool:
         cache: ActorCache | None = None,
     ) -> None:
         self.classes, self.options, self.config, self.cache = classes, options, config, cache
-        self.actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertActor)
+        self.actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ExpertActor)  # type: ignore[call-overload]
         resources = ray.cluster_resources()
         self.gpus, self.cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 0))
         # Placement comes before any actor exists; the batch size is set once the first replica reports it.
@@ -99,7 +99,7 @@ class ExpertPool:
         self.replicas: dict[str, list[Replica]] = {task: [] for task in classes}
         self.launching: dict[Any, tuple[Replica, float]] = {}  # info() ref → replica still starting
         parked = cache.take(("monitor",)) if cache is not None else None
-        self.monitor = parked or ray.remote(RunMonitor).options(num_cpus=0).remote()
+        self.monitor: Any = parked or ray.remote(RunMonitor).options(num_cpus=0).remote()
         self.monitor.reset.remote(list(classes))
         if self.gpus == 0 and any(p.uses_gpu for p in profiles.values()):
             logger.warning("the cluster has no GPUs: every expert runs on CPU")

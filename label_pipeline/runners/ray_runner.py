@@ -82,7 +82,7 @@ def run_ray(
 
 def actor_options(manifest: Manifest, config: RayRunnerConfig) -> dict[str, dict[str, Any]]:
     """Each expert's options; ``runner.ray.batch_sizes`` is its ``batch_size`` option on this runner."""
-    options = {request.task: dict(request.options) for request in manifest.experts}
+    options = {request.task: dict(request.options) for request in manifest.runnable_experts()}
     for task, size in config.batch_sizes.items():
         if task in options:
             options[task]["batch_size"] = size
