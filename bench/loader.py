@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from label_pipeline.format import encode_json, encode_png
-from label_pipeline.tario import write_tar
+from label_pipeline.core.format import encode_json, encode_png
+from label_pipeline.core.tario import write_tar
 from prismer_trainer.augment import AugmentConfig
 from prismer_trainer.batches import CLIP_MEAN, CLIP_STD, batch_nbytes, to_model_inputs
 from prismer_trainer.embeddings import LabelEmbeddings

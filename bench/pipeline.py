@@ -19,11 +19,11 @@ import time
 
 from expert_zoo.registry import build_expert
 from label_pipeline.config import load_manifest
-from label_pipeline.decode import decode_image
+from label_pipeline.core.decode import decode_image
+from label_pipeline.core.tario import write_tar
 from label_pipeline.run import RunOptions
 from label_pipeline.runners.local import run_local
 from label_pipeline.sources import ShardReadReport, build_source
-from label_pipeline.tario import write_tar
 
 
 def timed(fn, *args, repeat: int = 1):

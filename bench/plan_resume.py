@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from label_pipeline.config import manifest_from_dict
-from label_pipeline.format import encode_json
+from label_pipeline.core.format import encode_json
 from label_pipeline.output import OutputStore
 from label_pipeline.run import RunOptions, check_inputs
 from label_pipeline.shard_job import plan_shards

@@ -38,11 +38,11 @@ from expert_zoo.base import ExpertSpec, Label
 from expert_zoo.canny import CannyEdge, CannyOptions
 from expert_zoo.registry import build_expert, register
 from label_pipeline.config import load_manifest
-from label_pipeline.decode import decode_image
+from label_pipeline.core.decode import decode_image
+from label_pipeline.core.tario import read_tar_samples, write_tar
 from label_pipeline.run import RunOptions
 from label_pipeline.runners.local import run_local
 from label_pipeline.sources.demo import build_demo_dataset
-from label_pipeline.tario import read_tar_samples, write_tar
 
 
 @dataclass(frozen=True)

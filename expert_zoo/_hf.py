@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_model_dir(config: Mapping[str, Any], default: str, expert: str) -> Path:
     """The local model directory named by ``config["weights"]`` (a hub repo, a local dir or a file in one)."""
-    from expert_zoo.weights import resolve_weights
+    from label_pipeline.core.weights import resolve_weights
 
     source = config.get("weights", default)
     return model_directory(resolve_weights(source, expert=expert, sha256=config.get("sha256")))
@@ -73,12 +71,3 @@ def load_pretrained(model_cls: Any, model_dir: Path) -> Any:
 
 def _errors_only(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR
-
-
-def load_label_names(filename: str, expected: int) -> list[str]:
-    """A JSON list of class names shipped in ``expert_zoo/labelmaps``; its length is checked."""
-    text = resources.files("expert_zoo").joinpath("labelmaps", filename).read_text(encoding="utf-8")
-    names = json.loads(text)
-    if not isinstance(names, list) or len(names) != expected:
-        raise RuntimeError(f"expert_zoo/labelmaps/{filename} should list {expected} names")
-    return [str(n) for n in names]

@@ -7,18 +7,18 @@ decoded image after EXIF orientation), so the runner can store it next to the or
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 import numpy as np
 
-from label_pipeline.format import encode_label_members, encode_npy
+from label_pipeline.core.errors import ConfigError
+from label_pipeline.core.format import encode_label_members, encode_npy
+from label_pipeline.core.validation import check_type, did_you_mean, short_repr
 
 BACKGROUND = 255  # every categorical map uses 255 for "nothing here"
 NPY_MODE = "npy"  # ExpertSpec.mode of an expert that writes an array member instead of a map
@@ -26,104 +26,6 @@ NPY_MODE = "npy"  # ExpertSpec.mode of an expert that writes an array member ins
 THROUGHPUT_OPTIONS = frozenset({"batch_size"})
 
 
-class ConfigError(ValueError):
-    """A manifest, command-line or expert option is wrong; the message names the bad key.
-
-    Defined here so experts can raise it while checking their options; ``label_pipeline.config``
-    re-exports it, and the CLI turns it into one line and exit code 2.
-    """
-
-
-# -- typed values ------------------------------------------------------------------------------------
-_PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
-
-
-def describe_type(hint: Any) -> str:
-    """A YAML user's name for a type: ``bool`` → ``true/false``, ``str | None`` → ``a string or null``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        present = [a for a in args if a is not type(None)]
-        text = " or ".join(describe_type(a) for a in present)
-        return f"{text} or null" if len(present) < len(args) else text
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (list, tuple, Sequence):
-        item = _PLURALS.get(args[0]) if args else None
-        return f"a list of {item}" if item else "a list"
-    if origin in (dict, Mapping) or hint in (dict, Mapping):
-        return "a mapping"
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    return "anything" if hint is Any else getattr(hint, "__name__", str(hint))
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def type_mismatch(value: Any, hint: Any, where: str) -> str | None:
-    """None when ``value`` has type ``hint``, else a one-line error naming the innermost bad key.
-
-    YAML types only: an int is a number but a bool is neither; a list is what YAML gives for a tuple.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        ok = any(type_mismatch(value, a, where) is None for a in args)
-    elif origin is Literal:
-        ok = any(value == a and type(value) is type(a) for a in args)
-    elif origin in (list, tuple, Sequence):
-        if not isinstance(value, list | tuple):
-            ok = False
-        else:
-            item = args[0] if args else Any
-            errors = (type_mismatch(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-            return next((e for e in errors if e is not None), None)
-    elif origin in (dict, Mapping) or hint in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            ok = False
-        else:
-            item = args[1] if len(args) == 2 else Any
-            errors = (type_mismatch(v, item, f"{where}.{k}") for k, v in value.items())
-            return next((e for e in errors if e is not None), None)
-    elif hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    elif hint is Any:
-        ok = True
-    elif hint is type(None) or hint is None:
-        ok = value is None
-    else:
-        ok = isinstance(value, hint)
-    return None if ok else f"{where}: expected {describe_type(hint)}, got {_short(value)}"
-
-
-def check_type(value: Any, hint: Any, where: str) -> None:
-    """Raise :class:`ConfigError` naming ``where`` unless ``value`` has type ``hint``."""
-    error = type_mismatch(value, hint, where)
-    if error is not None:
-        raise ConfigError(error)
-
-
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
-    """``"; did you mean 'low'?"`` for a near miss among ``choices``, else an empty string.
-
-    A near miss is a close spelling (difflib) or, failing that, the one choice ``word`` begins
-    (``blur`` → ``blur_sigma``).
-    """
-    word = str(word)
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    if not close and word:
-        extended = [c for c in choices if c.startswith(word)]
-        close = extended if len(extended) == 1 else []
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-# -- expert options ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExpertOptions:
     """The options every expert accepts. Each expert subclasses this as its ``Options``: one field per
@@ -159,7 +61,7 @@ def validate_options(
     Returns the options with defaults filled in; the caller keeps ``given`` itself for the fingerprint.
     """
     if not isinstance(given, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of option names to values, got {_short(given)}")
+        raise ConfigError(f"{where}: expected a mapping of option names to values, got {short_repr(given)}")
     names = option_names(options_cls)
     hints = typing.get_type_hints(options_cls)
     for key, value in given.items():
@@ -318,65 +220,3 @@ class Expert:
         }
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-@dataclass
-class ExpertRequest:
-    """An expert named in a manifest: ``task`` or ``task:backend`` plus backend options.
-
-    ``where`` is the entry's key path (``experts[0]``), so errors found later (an unknown option,
-    once the backend is resolved) still point at the line to fix.
-    """
-
-    task: str
-    backend: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    where: str = field(default="", compare=False, repr=False)
-    target: str | None = None  # a plugin's class as ``module:Class`` (manifest key ``class``)
-
-    @property
-    def options_where(self) -> str:
-        """The key path of this entry's options, e.g. ``experts[0].options``."""
-        name = self.task if self.backend is None else f"{self.task}:{self.backend}"
-        return f"{self.where or name}.options"
-
-    @classmethod
-    def parse(cls, item: str | Mapping[str, Any], where: str = "") -> ExpertRequest:
-        """A manifest entry: ``"task[:backend]"`` or ``{name: "task[:backend]", options: {...}}``."""
-        here = where or "expert entry"
-        if isinstance(item, str):
-            task, _, backend = item.partition(":")
-            if not task.strip() or (":" in item and not backend.strip()):
-                raise ConfigError(f"{here}: expected 'task' or 'task:backend', got {item!r}")
-            return cls(task=task.strip(), backend=backend.strip() or None, where=where)
-        if not isinstance(item, Mapping) or "name" not in item:
-            raise ConfigError(
-                f"{here}: an expert entry must be 'task[:backend]' or a mapping with 'name', "
-                f"got {_short(item)}"
-            )
-        unknown = sorted(set(item) - {"name", "options", "class"})
-        if unknown:
-            hint = did_you_mean(unknown[0], ["name", "options", "class"])
-            raise ConfigError(f"{here}: unknown key(s) {unknown} in expert entry{hint}")
-        check_type(item["name"], str, f"{here}.name")
-        request = cls.parse(item["name"], where)
-        options = item.get("options")
-        check_type(options, dict[str, Any] | None, f"{here}.options")
-        bad_keys = [k for k in options or {} if not isinstance(k, str)]
-        if bad_keys:
-            raise ConfigError(f"{here}.options: option names must be strings, got {bad_keys[0]!r}")
-        request.options = dict(options or {})
-        if "class" in item:
-            request.target = _plugin_target(item["class"], request, f"{here}.class")
-        return request
-
-
-def _plugin_target(value: Any, request: ExpertRequest, where: str) -> str:
-    """Check a plugin entry: ``class: "module.path:ClassName"`` with a ``task:backend`` name."""
-    check_type(value, str, where)
-    module, _, name = value.partition(":")
-    if not module or not name or not all(part.isidentifier() for part in [*module.split("."), name]):
-        raise ConfigError(f"{where}: expected 'module.path:ClassName', got {value!r}")
-    if request.backend is None:
-        raise ConfigError(f"{where}: a plugin needs a full 'task:backend' name, got {request.task!r}")
-    return value

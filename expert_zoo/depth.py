@@ -5,7 +5,7 @@ normalises to [-1, 1], predicts relative inverse depth (bright = near), min-max 
 upsamples it to the original size (bilinear, ``align_corners=True``) and stores ``255*d`` cast by PIL to L8
 (clip to [0, 255], then truncation). This expert writes the same L8 map.
 
-Weights (``config["weights"]``, resolved by :func:`expert_zoo.weights.resolve_weights`):
+Weights (``config["weights"]``, resolved by :func:`label_pipeline.core.weights.resolve_weights`):
 
 * a directory, e.g. the default ``hf-hub:Intel/dpt-hybrid-midas`` snapshot: a transformers
   ``DPTForDepthEstimation`` saved with ``save_pretrained``;

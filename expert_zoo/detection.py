@@ -2,7 +2,8 @@
 
 Prismer's detector (UniDet, Cascade R-CNN over a learned 722-class label space) is replaced by OWLv2
 queried with the same 722 class names, so the ``class_id`` space stays Prismer's (index into
-``expert_zoo/labelmaps/unidet_722_names.json``; the list repeats some names, the index is what counts).
+``label_pipeline/core/labelmaps/unidet_722_names.json``; the list repeats some names, the index is
+what counts).
 
 Label: L8 instance map (255 = background, ids 0..253 by descending score) built from the boxes and the
 image's depth label with Prismer's occlusion rule (``expert_zoo.instance_map``), plus JSON
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_zoo._hf import load_label_names, load_pretrained
+from expert_zoo._hf import load_pretrained
 from expert_zoo.base import ConfigError, ExpertSpec, Label, WeightsOptions
 from expert_zoo.instance_map import DEDUP_IOU, MAX_INSTANCES, depth_ordered_instance_map
 from expert_zoo.torch_expert import TorchExpert
 from expert_zoo.torch_utils import CLIP_MEAN, CLIP_STD
+from label_pipeline.core.labelmaps import load_label_names
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from expert_zoo.base import ConfigError, Expert, ExpertOptions, ExpertRequest
+from expert_zoo.base import Expert, ExpertOptions
+from label_pipeline.core.errors import ConfigError, ExpertUnavailable
+from label_pipeline.core.expert_request import ExpertRequest
 
 logger = logging.getLogger(__name__)
 PLUGIN_GROUP = "label_pipeline.experts"  # entry points: name "task:backend", value "module:Class"
@@ -29,10 +31,6 @@ _REGISTRY: dict[str, str] = {
 _DEFAULTS: dict[str, str] = {}
 _BUILTIN = frozenset(_REGISTRY)
 _plugins_loaded = False
-
-
-class ExpertUnavailable(RuntimeError):
-    """A requested expert cannot run here; the message says what to do about it."""
 
 
 def register(name: str, target: str, default: bool = False) -> None:

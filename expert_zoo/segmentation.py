@@ -1,7 +1,7 @@
 """``seg_coco:mask2former``: Prismer's COCO segmentation expert, Mask2Former used in semantic mode.
 
 Label: L8, the COCO-panoptic class id 0..132 (80 things then 53 stuff, detectron2's contiguous order;
-names in ``expert_zoo/labelmaps/coco_panoptic_133_names.json``) of every pixel; no void value.
+names in ``label_pipeline/core/labelmaps/coco_panoptic_133_names.json``) of every pixel; no void value.
 
 As Prismer's ``generate_segmentation.py`` (detectron2 Mask2Former with panoptic and instance inference
 off): resize with torchvision's ``Resize(479, max_size=480)`` rule (aspect kept, long side 480), pad the
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from expert_zoo._hf import load_label_names, load_pretrained
+from expert_zoo._hf import load_pretrained
 from expert_zoo.base import ExpertSpec, Label, WeightsOptions
 from expert_zoo.torch_expert import TorchExpert
 from expert_zoo.torch_utils import IMAGENET_MEAN, IMAGENET_STD, pil_resize
+from label_pipeline.core.labelmaps import load_label_names
 
 logger = logging.getLogger(__name__)
 

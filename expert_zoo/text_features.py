@@ -130,7 +130,7 @@ def fit_pca(features: np.ndarray, dim: int = EMBED_DIM) -> tuple[PcaProjection, 
 
 def resolve_pca(source: str, expert: str, sha256: str | None = None) -> PcaProjection:
     """The PCA ``.npz`` named by ``source`` (a path, URL or ``hf-hub:`` file), through the weight resolver."""
-    from expert_zoo.weights import WeightsUnreadable, resolve_weights
+    from label_pipeline.core.weights import WeightsUnreadable, resolve_weights
 
     path = resolve_weights(source, expert=expert, sha256=sha256)
     try:
@@ -226,7 +226,7 @@ class TextFeatures:
     def from_options(cls, options: TextFeatureOptions, device: Any, expert: str) -> TextFeatures:
         """Resolve the encoder and the PCA the options name (weight resolver: sha256, offline cache)."""
         from expert_zoo._hf import resolve_model_dir
-        from expert_zoo.weights import loading_weights, model_dir_digest
+        from label_pipeline.core.weights import loading_weights, model_dir_digest
 
         pca = resolve_pca(options.pca, expert, options.pca_sha256)
         config = {"weights": options.weights, "sha256": options.sha256}
@@ -242,7 +242,7 @@ class TextFeatures:
     def load(self) -> ClipTextEncoder:
         """The text tower, loaded on the first call."""
         if self._encoder is None:
-            from expert_zoo.weights import loading_weights
+            from label_pipeline.core.weights import loading_weights
 
             with loading_weights(self.expert, self.model_dir):
                 encoder = ClipTextEncoder(self.model_dir, self.device)

@@ -1,7 +1,8 @@
 """The skeleton of an expert that runs a torch network: device, precision, weights, forward batches.
 
 :class:`TorchExpert` does, once for every neural expert: resolve the ``weights`` option to a local file or
-model directory, load the network from it inside :func:`~expert_zoo.weights.loading_weights` (so a broken
+model directory, load the network from it inside
+:func:`~label_pipeline.core.weights.loading_weights` (so a broken
 file is one actionable line), record the weights' digest for the fingerprint, and put the network on
 the expert's device in eval mode (channels_last on CUDA where the expert asks for it). A subclass only
 says how to build its network from the resolved path (:meth:`TorchExpert.load_model`) and how to label
@@ -24,7 +25,7 @@ import torch
 from expert_zoo._hf import model_directory
 from expert_zoo.base import Expert, WeightsOptions
 from expert_zoo.torch_utils import inference, resolve_device
-from expert_zoo.weights import loading_weights, resolve_weights, weights_digest
+from label_pipeline.core.weights import loading_weights, resolve_weights, weights_digest
 
 logger = logging.getLogger(__name__)
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
@@ -80,7 +81,7 @@ class TorchExpert(Expert):
 
     def load_model(self, path: Path) -> torch.nn.Module:
         """Build the network from the resolved weights and load them strictly; any error it raises becomes
-        one :class:`~expert_zoo.weights.WeightsUnreadable` line naming the expert and ``path``."""
+        one :class:`~label_pipeline.core.weights.WeightsUnreadable` line naming the expert and ``path``."""
         raise NotImplementedError(f"{type(self).__name__} must implement load_model")
 
     def _placed(self, model: Any) -> Any:

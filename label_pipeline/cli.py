@@ -264,7 +264,7 @@ def print_verify_report(report: VerifyReport) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from label_pipeline.inspect import inspect_path
+    from label_pipeline.contact_sheet import inspect_path
 
     try:
         result = inspect_path(args.path, key=args.key, limit=args.limit, shard=args.shard)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from label_pipeline.embedding_tables import BACKGROUND, EmbeddingTables, write_tables
+from label_pipeline.core.embedding_tables import BACKGROUND, EmbeddingTables, write_tables
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def fit_vocabulary_pca(
     from expert_zoo._hf import resolve_model_dir
     from expert_zoo.text_features import DEFAULT_ENCODER, ClipPcaWordFeatures, ClipTextEncoder, fit_pca
     from expert_zoo.torch_utils import resolve_device
-    from expert_zoo.weights import loading_weights
+    from label_pipeline.core.weights import loading_weights
 
     expert = ClipPcaWordFeatures.spec.name
     model_dir = resolve_model_dir(

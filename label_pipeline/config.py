@@ -15,9 +15,10 @@ from typing import Any
 import fsspec
 import yaml
 
-# ConfigError lives with the expert options (experts raise it too); it is re-exported from here.
-from expert_zoo.base import ConfigError, ExpertRequest, check_type, did_you_mean
-from label_pipeline.decode import DEFAULT_MAX_PIXELS
+from label_pipeline.core.decode import DEFAULT_MAX_PIXELS
+from label_pipeline.core.errors import ConfigError
+from label_pipeline.core.expert_request import ExpertRequest
+from label_pipeline.core.validation import check_type, did_you_mean
 
 # The dataset manifests: package data (a link to the top-level manifests/ in a source checkout).
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"

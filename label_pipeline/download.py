@@ -22,7 +22,6 @@ retry), 2 = usage or configuration error, 130 = interrupted (rerun to resume). S
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import importlib.metadata
 import json
@@ -42,6 +41,7 @@ import pyarrow.parquet as pq
 
 from label_pipeline.config import ConfigError, Manifest, load_manifest
 from label_pipeline.core.entry import EXIT_FAILURES, EXIT_OK, run_command, setup_console
+from label_pipeline.core.timestamps import utc_now
 from label_pipeline.sources.webdataset import expand_shard_urls
 
 logger = logging.getLogger("label_pipeline.download")
@@ -537,7 +537,7 @@ def download(
         check_resumable(previous, record, folder)
     record["input"] = ensure_url_list(spec, source, url_list_path(folder), previous)
     record["shards_expected"] = math.ceil(record["input"]["rows"] / options.samples_per_shard)
-    record["created"] = (previous or {}).get("created") or _now()
+    record["created"] = (previous or {}).get("created") or utc_now()
     write_record(folder, record)
     if record["shards_expected"] > listed:
         logger.warning(
@@ -549,10 +549,6 @@ def download(
     logger.info("downloading %s (%d urls) into %s", dataset, record["input"]["rows"], folder)
     run_img2dataset(arguments)
     return read_download_summary(folder) or DownloadSummary(folder, record=record)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

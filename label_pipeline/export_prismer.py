@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from label_pipeline.config import ConfigError
-from label_pipeline.format import IMAGE_EXTENSIONS, decode_npy
+from label_pipeline.core.format import IMAGE_EXTENSIONS, decode_npy
+from label_pipeline.core.tario import read_tar_samples
 from label_pipeline.output import OutputStore
-from label_pipeline.tario import read_tar_samples
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import numpy as np
 from expert_zoo.base import ExpertSpec, Label
 from label_pipeline.budget import PixelBudget
 from label_pipeline.config import DecodeConfig
-from label_pipeline.decode import DecodedImage, DecodeError, decode_image
-from label_pipeline.format import IMAGE_EXTENSIONS, decode_png, encode_json
+from label_pipeline.core.decode import DecodedImage, DecodeError, decode_image
+from label_pipeline.core.format import IMAGE_EXTENSIONS, decode_png, encode_json
+from label_pipeline.core.tario import Member
 from label_pipeline.sources.base import Sample
-from label_pipeline.tario import Member
 
 logger = logging.getLogger(__name__)
 _ADDRESS = re.compile(r" at 0x[0-9A-Fa-f]+")

@@ -8,7 +8,6 @@ a run killed at any point, or a file changed afterwards, leaves nothing that loo
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import hashlib
 import io
@@ -25,9 +24,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from label_pipeline.format import encode_json
+from label_pipeline.core.format import encode_json
+from label_pipeline.core.tario import HashingWriter, Member, write_tar
+from label_pipeline.core.timestamps import utc_now
 from label_pipeline.inputs import FileStat, is_local, list_folder, remote_stat
-from label_pipeline.tario import HashingWriter, Member, write_tar
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: done-records carry tar/records stats and the input's identity
@@ -173,7 +173,7 @@ class OutputStore:
             self.fs.rm(self.failed_path(shard_id))
 
     def write_failed(self, shard_id: str, error: str, attempts: int = 1) -> None:
-        record = {"shard": shard_id, "error": error, "attempts": attempts, "time": _now()}
+        record = {"shard": shard_id, "error": error, "attempts": attempts, "time": utc_now()}
         self.write_bytes_atomic(self.failed_path(shard_id), encode_json(record))
 
     def read_json(self, path: str) -> dict[str, Any] | None:
@@ -308,7 +308,12 @@ class OutputStore:
         another host is assumed alive, and ``force`` takes it over.
         """
         self.fs.makedirs(self.root, exist_ok=True)
-        mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(), "token": uuid.uuid4().hex}
+        mine = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": utc_now(),
+            "token": uuid.uuid4().hex,
+        }
         if self.local:
             self._acquire_flock(mine, force)
         else:
@@ -453,7 +458,3 @@ def _holder_alive(holder: dict[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -6,7 +6,6 @@ Runner-independent: the local runner and the Ray runner both go through ``prepar
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from collections.abc import Mapping
@@ -16,12 +15,13 @@ from typing import Any
 from expert_zoo.base import THROUGHPUT_OPTIONS
 from expert_zoo.registry import ExpertUnavailable, expert_class
 from label_pipeline.config import ConfigError, Manifest, check_output_root
-from label_pipeline.embedding_tables import write_run_tables
+from label_pipeline.core.timestamps import utc_now
 from label_pipeline.inputs import input_identities, input_paths, overlap, reads_files
 from label_pipeline.logs import RunLog
 from label_pipeline.output import OutputStore
 from label_pipeline.shard_job import ShardPlan, ShardResult, plan_shards
 from label_pipeline.sources import InputShard, Source, build_source
+from label_pipeline.table_stage import write_run_tables
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +272,8 @@ def _run_record(
         "source_config": asdict(manifest.source),
         "decode": asdict(manifest.decode),
         "experts": {**(previous or {}).get("experts", {}), **experts},
-        "created": (previous or {}).get("created", _now()),
-        "updated": _now(),
+        "created": (previous or {}).get("created", utc_now()),
+        "updated": utc_now(),
     }
 
 
@@ -330,7 +330,3 @@ def finish_run(prepared: PreparedRun) -> RunSummary:
     finally:
         prepared.store.release_lock()
     return prepared.summary
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

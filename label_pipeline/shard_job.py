@@ -22,10 +22,10 @@ from typing import Any
 
 from label_pipeline.budget import PixelBudget
 from label_pipeline.config import DecodeConfig
+from label_pipeline.core.tario import HashingReader, Member, read_tar_samples
 from label_pipeline.labeler import Labeler, WorkItem, chunked, item_from_output, item_from_sample
 from label_pipeline.output import OutputStore
 from label_pipeline.sources.base import InputShard, ShardReadReport, Source
-from label_pipeline.tario import HashingReader, Member, read_tar_samples
 
 logger = logging.getLogger(__name__)
 PREFETCH_CHUNKS = 2  # decoded chunks read ahead while experts run

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from label_pipeline.config import ConfigError, Manifest, manifest_from_dict
-from label_pipeline.format import ARRAY_ROWS_FOLLOW, IMAGE_EXTENSIONS, decode_npy, decode_png
+from label_pipeline.core.format import ARRAY_ROWS_FOLLOW, IMAGE_EXTENSIONS, decode_npy, decode_png
+from label_pipeline.core.tario import HashingReader, read_tar_samples
 from label_pipeline.inputs import list_folder
 from label_pipeline.output import OutputLocked, OutputStore
 from label_pipeline.sources import build_source
-from label_pipeline.tario import HashingReader, read_tar_samples
 
 logger = logging.getLogger(__name__)
 DONE_SUFFIX = ".done.json"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from expert_zoo.weights import load_error_reason
+from label_pipeline.core.weights import load_error_reason
 from prismer_trainer.distributed import Distributed
 from prismer_trainer.embeddings import LabelEmbeddings
 from prismer_trainer.model_config import ModelConfig

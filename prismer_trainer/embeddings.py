@@ -17,8 +17,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from label_pipeline.embedding_tables import BACKGROUND as TABLE_BACKGROUND
-from label_pipeline.embedding_tables import CLASS_TABLES, TABLES_DIR, read_tables, table_texts
+from label_pipeline.core.embedding_tables import BACKGROUND as TABLE_BACKGROUND
+from label_pipeline.core.embedding_tables import CLASS_TABLES, TABLES_DIR, read_tables, table_texts
 from prismer_trainer.model_config import CATEGORICAL_EXPERTS
 
 logger = logging.getLogger(__name__)

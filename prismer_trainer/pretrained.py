@@ -96,7 +96,7 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _resolve_hub_weights(source: str, what: str, arg: str) -> Path:
-    from expert_zoo.weights import WeightsUnavailable, resolve_weights
+    from label_pipeline.core.weights import WeightsUnavailable, resolve_weights
 
     if source.startswith("hf-hub:"):
         candidates = [source]

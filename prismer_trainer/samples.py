@@ -1,6 +1,6 @@
 """One label-shard sample → model-ready :class:`Example`: decode only what the model uses.
 
-The image with :func:`label_pipeline.decode.decode_image` (the exact pixels the labels were aligned to,
+The image with :func:`label_pipeline.core.decode.decode_image` (the exact pixels the labels were aligned to,
 EXIF included), the caption (or the VQA rows of the image), the PNG/JSON members of the model's experts
 and the OCR words' stored CLIP-PCA features (``ocr_features.npy``). A missing, undecodable or misaligned
 expert member masks that expert for that sample instead of failing. Then one joint geometry for RGB and
@@ -19,8 +19,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from label_pipeline.decode import DecodeError, decode_image
-from label_pipeline.format import IMAGE_EXTENSIONS, decode_npy, decode_png, sanitize_key
+from label_pipeline.core.decode import DecodeError, decode_image
+from label_pipeline.core.format import IMAGE_EXTENSIONS, decode_npy, decode_png, sanitize_key
 from prismer_trainer.augment import BACKGROUND, LABEL_RESOLUTION, AugmentConfig, joint_transform
 from prismer_trainer.embeddings import EMBED_DIM, TABLE_SIZES, WORD_FEATURE_DTYPE
 from prismer_trainer.model_config import DENSE_EXPERTS

@@ -1,7 +1,7 @@
 """Label shards on disk or in a bucket: finding a dataset's shards, its size, and reading a shard's samples.
 
 A label shard is a tar the label pipeline wrote (docs/FORMAT.md); it is read with the pipeline's own tar
-reader (:func:`label_pipeline.tario.read_tar_samples`), keeping only the members the model uses. Reading
+reader (:func:`label_pipeline.core.tario.read_tar_samples`), keeping only the members the model uses. Reading
 "names only" lists the samples without reading member data (a resuming stream replays shards this way).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from label_pipeline.tario import read_tar_samples
+from label_pipeline.core.tario import read_tar_samples
 from prismer_trainer.samples import captions_of
 from prismer_trainer.text import training_text
 

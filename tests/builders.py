@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from label_pipeline.tario import write_tar
+from label_pipeline.core.tario import write_tar
 
 
 def gradient(height: int, width: int) -> np.ndarray:

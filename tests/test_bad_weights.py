@@ -21,8 +21,8 @@ from builders import photo_samples, write_manifest, write_wds
 from tiny_experts import TINY_EXPERTS
 
 from expert_zoo.registry import ExpertUnavailable, build_expert
-from expert_zoo.weights import WeightsUnreadable, load_error_reason, resolve_weights
 from label_pipeline.cli import main
+from label_pipeline.core.weights import WeightsUnreadable, load_error_reason, resolve_weights
 
 pytest.importorskip("transformers")
 
@@ -220,7 +220,7 @@ def test_weight_errors_survive_pickling() -> None:
     """A Ray actor that fails to load sends its error back pickled: it must arrive whole."""
     import pickle
 
-    from expert_zoo.weights import WeightsUnavailable
+    from label_pipeline.core.weights import WeightsUnavailable
 
     for error in (
         WeightsUnreadable("edge:dexined", "/w/10_model.pth", "RuntimeError: truncated"),

@@ -163,7 +163,7 @@ def test_expert_end_to_end(tmp_path) -> None:
 
 
 def test_expert_reports_missing_weights(tmp_path) -> None:
-    from expert_zoo.weights import WeightsUnavailable
+    from label_pipeline.core.weights import WeightsUnavailable
 
     with pytest.raises(WeightsUnavailable):
         DexiNedEdge({"weights": str(tmp_path / "absent.pth")})

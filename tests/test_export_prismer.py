@@ -29,10 +29,10 @@ from expert_zoo.base import NPY_MODE, Expert, ExpertSpec, Label
 from expert_zoo.ocr import CharNetOCR
 from expert_zoo.registry import register
 from label_pipeline.cli import main
-from label_pipeline.decode import decode_image
+from label_pipeline.core.decode import decode_image
+from label_pipeline.core.format import decode_npy, decode_png
+from label_pipeline.core.tario import read_tar_samples
 from label_pipeline.export_prismer import detection_json, word_side_file
-from label_pipeline.format import decode_npy, decode_png
-from label_pipeline.tario import read_tar_samples
 
 pytest.importorskip("transformers")
 

@@ -7,9 +7,9 @@ import pytest
 from builders import gradient, image_bytes
 from PIL import Image
 
-from label_pipeline.decode import DecodeError, decode_image
-from label_pipeline.format import decode_png, encode_json, encode_label_members, encode_png, unique_keys
-from label_pipeline.tario import read_tar_samples, write_tar
+from label_pipeline.core.decode import DecodeError, decode_image
+from label_pipeline.core.format import decode_png, encode_json, encode_label_members, encode_png, unique_keys
+from label_pipeline.core.tario import read_tar_samples, write_tar
 
 
 @pytest.mark.parametrize("mode,shape", [("L", (37, 53)), ("RGB", (37, 53, 3))])

@@ -14,7 +14,7 @@ import numpy as np
 from expert_zoo.base import ExpertSpec, Label
 from expert_zoo.canny import CannyEdge
 from label_pipeline.config import manifest_from_dict
-from label_pipeline.decode import DecodedImage
+from label_pipeline.core.decode import DecodedImage
 from label_pipeline.labeler import Labeler, LocalExecutor, WorkItem
 
 

@@ -25,7 +25,7 @@ from expert_zoo.canny import CannyEdge
 from label_pipeline.budget import PixelBudget
 from label_pipeline.cli import main
 from label_pipeline.config import ConfigError, DecodeConfig
-from label_pipeline.decode import DecodedImage
+from label_pipeline.core.decode import DecodedImage
 from label_pipeline.labeler import Labeler, WorkItem, chunked
 from label_pipeline.shard_job import _labelled_members, read_ahead
 

@@ -16,7 +16,7 @@ from builders import gradient, image_bytes, photo_samples, write_manifest, write
 from experts_for_tests import register_test_experts
 
 from label_pipeline.cli import main
-from label_pipeline.format import decode_png
+from label_pipeline.core.format import decode_png
 
 register_test_experts()
 RUNNER = {"name": "local"}  # the runner ``run`` passes to the CLI; set per test by the fixture below

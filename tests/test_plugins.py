@@ -13,8 +13,8 @@ import pytest
 from builders import photo_samples, write_manifest, write_wds
 
 from expert_zoo import registry
-from expert_zoo.base import ExpertRequest
 from label_pipeline.cli import main
+from label_pipeline.core.expert_request import ExpertRequest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "EXPERTS.md"
 PLUGIN = {"name": "depth:brightness_plugin", "class": "my_experts:BrightnessDepth", "options": {"levels": 8}}
@@ -72,7 +72,7 @@ def test_the_documented_plugin_labels_on_both_runners(plugin_dir, ray_cluster, t
 
     import numpy as np
 
-    from label_pipeline.format import decode_png
+    from label_pipeline.core.format import decode_png
 
     with tarfile.open(tmp_path / "local" / "shards" / "00000.tar") as tar:
         depth = decode_png(tar.extractfile("000000.depth.png").read())

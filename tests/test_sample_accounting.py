@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from expert_zoo.base import ExpertSpec, Label
 from label_pipeline.cli import main
 from label_pipeline.config import DecodeConfig
+from label_pipeline.core.tario import read_tar_entries
 from label_pipeline.labeler import Labeler, item_from_sample, stable_error_text
 from label_pipeline.shard_job import _labelled_members
 from label_pipeline.sources.base import InputShard, Sample, ShardReadReport
 from label_pipeline.sources.webdataset import WebDatasetSource
-from label_pipeline.tario import read_tar_entries
 
 JPG = image_bytes(gradient(20, 30))
 SPECIAL_TYPES = {

@@ -317,7 +317,7 @@ def test_mask2former_expert_labels_images(mask2former_dir):
 
 def test_mask2former_rejects_other_label_spaces(tmp_path):
     from expert_zoo.segmentation import Mask2FormerCOCO
-    from expert_zoo.weights import WeightsUnreadable
+    from label_pipeline.core.weights import WeightsUnreadable
 
     _tiny_mask2former(150).save_pretrained(tmp_path)
     with pytest.raises(WeightsUnreadable, match="133 classes"):  # one line naming the expert and the dir

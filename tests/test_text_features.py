@@ -25,12 +25,14 @@ from builders import gradient, image_bytes, write_manifest, write_wds
 from experts_for_tests import register_test_experts
 from reference_data import REFERENCE_ROOT, reference_dir
 
-from expert_zoo.base import ConfigError, Expert, ExpertRequest, ExpertSpec, Label
+from expert_zoo.base import ConfigError, Expert, ExpertSpec, Label
 from expert_zoo.registry import build_expert, register
 from expert_zoo.text_features import ClipPcaWordFeatures, ClipTextEncoder, PcaProjection, TextFeatures
 from label_pipeline.cli import main
-from label_pipeline.embedding_tables import read_tables, table_texts, updated_tables
-from label_pipeline.format import decode_npy, encode_json, encode_npy, encode_png
+from label_pipeline.core.embedding_tables import read_tables, table_texts
+from label_pipeline.core.expert_request import ExpertRequest
+from label_pipeline.core.format import decode_npy, encode_json, encode_npy, encode_png
+from label_pipeline.table_stage import updated_tables
 from label_pipeline.verify import _verify_sample
 from prismer_trainer.batches import to_model_inputs
 from prismer_trainer.embeddings import LabelEmbeddings, default_embeddings, require_word_features
@@ -328,7 +330,7 @@ def test_a_run_writes_the_class_tables_its_experts_imply(labelled, clip, pca_fil
     assert sorted(tables.arrays) == ["background", "obj_detection"]  # no seg_coco in this run
     assert tables.pca_digest == pca.digest
     names = json.loads(
-        (Path(__file__).parent.parent / "expert_zoo/labelmaps/unidet_722_names.json").read_text()
+        (Path(__file__).parent.parent / "label_pipeline/core/labelmaps/unidet_722_names.json").read_text()
     )
     assert tables.index["tables"]["obj_detection"]["texts"] == names
     expected = independent_features(clip, names, pca.components, pca.mean)
@@ -426,7 +428,7 @@ def test_words_without_stored_features_are_masked_except_in_the_tiny_demo(tmp_pa
     ]
     shard = tmp_path / "shards" / "00000.tar"
     shard.parent.mkdir()
-    from label_pipeline.tario import write_tar
+    from label_pipeline.core.tario import write_tar
 
     with open(shard, "wb") as handle:
         write_tar(handle, [members])

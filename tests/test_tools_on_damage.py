@@ -20,9 +20,9 @@ from builders import gradient, image_bytes, photo_samples, write_manifest, write
 from PIL import Image
 
 from label_pipeline.cli import main
-from label_pipeline.inspect import PLACEHOLDER_GREY, TILE
+from label_pipeline.core.tario import write_tar
+from label_pipeline.contact_sheet import PLACEHOLDER_GREY, TILE
 from label_pipeline.output import OutputStore
-from label_pipeline.tario import write_tar
 
 
 def label(

@@ -14,8 +14,8 @@ import torch
 from builders import image_bytes
 from reference_data import reference_dir
 
-from label_pipeline.format import encode_json, encode_png
-from label_pipeline.tario import write_tar
+from label_pipeline.core.format import encode_json, encode_png
+from label_pipeline.core.tario import write_tar
 from prismer_trainer.augment import AugmentConfig, GeometricOp, joint_transform, random_resized_crop_box
 from prismer_trainer.batches import batch_nbytes, to_model_inputs
 from prismer_trainer.embeddings import LabelEmbeddings

@@ -12,11 +12,12 @@ import pytest
 import yaml
 from builders import photo_samples, write_manifest, write_wds
 
-from expert_zoo.base import ExpertOptions, ExpertRequest, option_names
+from expert_zoo.base import ExpertOptions, option_names
 from expert_zoo.canny import CannyEdge
 from expert_zoo.registry import build_expert, expert_class, resolve_expert
 from label_pipeline.cli import main
 from label_pipeline.config import ConfigError, check_output_root, manifest_from_dict
+from label_pipeline.core.expert_request import ExpertRequest
 from label_pipeline.run import check_compatible, describe_expert_change, expert_entries
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "EXPERTS.md"

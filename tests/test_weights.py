@@ -13,7 +13,7 @@ from typing import ClassVar
 import pytest
 
 from expert_zoo.registry import ExpertUnavailable
-from expert_zoo.weights import (
+from label_pipeline.core.weights import (
     WeightsUnavailable,
     file_sha256,
     parse_hf_source,

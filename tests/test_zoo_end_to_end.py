@@ -22,9 +22,9 @@ from tiny_experts import tiny_edge, tiny_expert_entries
 
 from expert_zoo.instance_map import depth_ordered_instance_map
 from label_pipeline.cli import main
-from label_pipeline.decode import decode_image
-from label_pipeline.format import decode_png
-from label_pipeline.inspect import TILE
+from label_pipeline.core.decode import decode_image
+from label_pipeline.core.format import decode_png
+from label_pipeline.contact_sheet import TILE
 
 pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from expert_zoo.base import Expert
 from label_pipeline.config import DecodeConfig
-from label_pipeline.format import encode_json
+from label_pipeline.core.format import encode_json
 from label_pipeline.runners.ray_actors import CONCURRENCY_GROUPS, ExpertActor, RunMonitor
 from label_pipeline.runners.ray_config import RayRunnerConfig
 from label_pipeline.runners.ray_executor import RemoteExpert, ShardContext

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from label_pipeline.format import encode_json
+from label_pipeline.core.format import encode_json
 from label_pipeline.progress import Progress
 from label_pipeline.run import PreparedRun
 from label_pipeline.runners.ray_planner import Placement, ReplicaPlan

@@ -8,7 +8,7 @@ from typing import Any
 
 import fsspec
 
-from label_pipeline.format import IMAGE_EXTENSIONS, unique_keys
+from label_pipeline.core.format import IMAGE_EXTENSIONS, unique_keys
 from label_pipeline.sources.base import InputShard, Sample, ShardReadReport
 
 

@@ -19,9 +19,9 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from label_pipeline.core.tario import write_tar
 from label_pipeline.sources.base import InputShard, Sample, ShardReadReport
 from label_pipeline.sources.webdataset import WebDatasetSource
-from label_pipeline.tario import write_tar
 
 logger = logging.getLogger(__name__)
 SAMPLES_PER_SHARD = 6

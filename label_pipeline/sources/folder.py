@@ -6,7 +6,7 @@ from typing import Any
 
 import fsspec
 
-from label_pipeline.format import IMAGE_EXTENSIONS
+from label_pipeline.core.format import IMAGE_EXTENSIONS
 from label_pipeline.sources.chunked import ChunkedSource, Entry
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import fsspec
 from braceexpand import braceexpand
 
-from label_pipeline.format import IMAGE_EXTENSIONS, KeyDeduper
+from label_pipeline.core.format import IMAGE_EXTENSIONS, KeyDeduper
+from label_pipeline.core.tario import TarSample, read_tar_entries
 from label_pipeline.sources.base import InputShard, Sample, ShardReadReport
-from label_pipeline.tario import TarSample, read_tar_entries
 
 logger = logging.getLogger(__name__)
 _DROPPED_META = ("exif",)  # img2dataset stores raw EXIF here: large and not an id

@@ -8,10 +8,8 @@ shards worth inspecting are often the damaged ones.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import cv2
@@ -20,16 +18,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from label_pipeline.config import ConfigError
-from label_pipeline.decode import DecodeError, decode_image
-from label_pipeline.format import IMAGE_EXTENSIONS, decode_png
+from label_pipeline.core.decode import DecodeError, decode_image
+from label_pipeline.core.format import IMAGE_EXTENSIONS, decode_png
+from label_pipeline.core.labelmaps import class_names
+from label_pipeline.core.tario import read_tar_samples
 from label_pipeline.inputs import list_folder
 from label_pipeline.output import OutputStore
-from label_pipeline.tario import read_tar_samples
 from label_pipeline.verify import describe
 
 TILE = 320  # each panel's longest side in pixels
 PLACEHOLDER_GREY = (128, 128, 128)
-_NAME_FILES = {"seg_coco": "coco_panoptic_133_names.json", "obj_detection": "unidet_722_names.json"}
 
 
 def palette(index: int) -> tuple[int, int, int]:
@@ -37,16 +35,6 @@ def palette(index: int) -> tuple[int, int, int]:
     hue = int((index * 0.618033988749895 % 1.0) * 179)
     hsv = np.uint8([[[hue, 200, 230]]])
     return tuple(int(c) for c in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
-
-
-def class_names(task: str) -> list[str] | None:
-    name = _NAME_FILES.get(task)
-    if name is None:
-        return None
-    try:
-        return json.loads(resources.files("expert_zoo").joinpath("labelmaps", name).read_text())
-    except (FileNotFoundError, ModuleNotFoundError):
-        return None
 
 
 def colour_categorical(label: np.ndarray, backdrop: np.ndarray | None = None) -> np.ndarray:
@@ -249,9 +237,3 @@ def _stack(sheets: list[Image.Image]) -> Image.Image:
         stacked.paste(sheet, (0, y))
         y += sheet.height
     return stacked
-
-
-def save_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

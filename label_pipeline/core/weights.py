@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from expert_zoo.registry import ExpertUnavailable
+from label_pipeline.core.errors import ExpertUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -92,7 +92,3 @@ def unique_keys(raw_keys: list[str]) -> list[str]:
     """Sanitise a list of keys (see ``KeyDeduper``)."""
     dedupe = KeyDeduper()
     return [dedupe(raw) for raw in raw_keys]
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

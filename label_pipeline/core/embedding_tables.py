@@ -22,12 +22,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
+
+from label_pipeline.core.labelmaps import LABEL_MAPS, load_label_names
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,8 @@ EMBED_DIM = 64
 BACKGROUND = "background"
 # What Prismer's background vector encodes is not published; the word "background" is our choice.
 BACKGROUND_TEXT = "background"
-# Class tables a task implies: task -> (names file in expert_zoo/labelmaps, rows).
-CLASS_TABLES: dict[str, tuple[str, int]] = {
-    "seg_coco": ("coco_panoptic_133_names.json", 133),
-    "obj_detection": ("unidet_722_names.json", 722),
-}
+# Class tables a task implies: task -> (names file in label_pipeline/core/labelmaps, rows).
+CLASS_TABLES: dict[str, tuple[str, int]] = LABEL_MAPS
 CATEGORICAL_TASKS = ("seg_coco", "seg_ade", "obj_detection", "ocr_detection")
 TEXT_FEATURES_TASK = "ocr_features"
 
@@ -76,21 +75,8 @@ def table_texts(name: str) -> list[str]:
     """The texts a table embeds, row by row: the class names, or the background word."""
     if name == BACKGROUND:
         return [BACKGROUND_TEXT]
-    from expert_zoo._hf import load_label_names
-
     filename, rows = CLASS_TABLES[name]
     return load_label_names(filename, rows)
-
-
-def compute_tables(
-    features: Callable[[Sequence[str]], np.ndarray], names: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Each table's texts → features (``TextFeatures``): float32 (rows, 64), background (64,)."""
-    arrays = {}
-    for name in names:
-        vectors = np.asarray(features(table_texts(name)), dtype=np.float32)
-        arrays[name] = vectors[0] if name == BACKGROUND else vectors
-    return arrays
 
 
 # ================================================================================================
@@ -150,94 +136,3 @@ def table_entry(name: str, source: str, **extra: Any) -> dict[str, Any]:
     elif texts is not None:
         entry["texts"] = texts
     return entry
-
-
-# ================================================================================================
-# The run hook
-# ================================================================================================
-def write_run_tables(
-    output_root: str, requests: Sequence[Any], tasks: Iterable[str], device: str = "cpu"
-) -> None:
-    """Called once per labelling run (``label_pipeline.run.prepare_run``, under the output lock).
-
-    ``tasks``: every task the output holds after this run; ``requests``: the run's expert requests,
-    whose ``ocr_features`` options name the text encoder and PCA. Tables already there and still right
-    are kept: Prismer's imported tables in the same PCA space, or ours made with the same encoder.
-    """
-    wanted = implied_tables(tasks)
-    if not wanted:
-        return
-    directory = tables_dir(output_root)
-    existing = read_tables(directory)
-    # Only the CLIP-PCA backend (the task's default) names an encoder and a PCA; another backend of
-    # the task (a plugin, a test stand-in) makes no tables.
-    request = next(
-        (r for r in requests if r.task == TEXT_FEATURES_TASK and r.backend in (None, "clip_pca")), None
-    )
-    if request is None:
-        missing = [n for n in wanted if existing is None or n not in existing.arrays]
-        if missing:
-            logger.warning(
-                "no CLIP-PCA tables for %s in %s: add the text-feature stage (ocr_features, with its `pca` "
-                "option) to the run, or import Prismer's: label-pipeline import-prismer-tables "
-                "PRISMER_CHECKOUT %s. The trainer's prismer_base/large configs need them.",
-                ", ".join(missing),
-                directory,
-                directory,
-            )
-        return
-    features = _text_features(request, device)
-    tables = updated_tables(existing, features, wanted)
-    if tables is not None:
-        write_tables(directory, tables)
-        logger.info("CLIP-PCA tables %s written to %s", ", ".join(sorted(tables.arrays)), directory)
-
-
-def _text_features(request: Any, device: str) -> Any:
-    from expert_zoo.text_features import ClipPcaWordFeatures, TextFeatures
-    from expert_zoo.torch_utils import resolve_device
-
-    options = ClipPcaWordFeatures.check_options(request.options, request.options_where)
-    return TextFeatures.from_options(options, resolve_device(device), ClipPcaWordFeatures.spec.name)
-
-
-def updated_tables(
-    existing: EmbeddingTables | None, features: Any, wanted: Sequence[str]
-) -> EmbeddingTables | None:
-    """The tables to write for ``wanted`` with ``features`` (a ``TextFeatures``), or None if nothing changes.
-
-    In the same PCA space, a table is kept when it is Prismer's (what the released checkpoints saw) or was
-    made by the same encoder for the same texts. A new PCA invalidates every table.
-    """
-    same_space = existing is not None and existing.pca_digest == features.pca.digest
-    keep: dict[str, np.ndarray] = {}
-    entries: dict[str, Any] = {}
-    if same_space:
-        for name, array in existing.arrays.items():
-            entry = existing.index["tables"][name]
-            current = entry.get("source") == "prismer" or (
-                entry.get("encoder_digest") == features.encoder_digest
-                and entry.get("texts", entry.get("text")) == _texts_of(name)
-            )
-            if current or name not in wanted:
-                keep[name], entries[name] = array, entry
-    elif existing is not None:
-        logger.warning(
-            "the PCA changed: the CLIP-PCA tables %s are recomputed", ", ".join(sorted(existing.arrays))
-        )
-    todo = [name for name in wanted if name not in keep]
-    if not todo:
-        return None
-    computed = compute_tables(features, todo)
-    for name in todo:
-        entries[name] = table_entry(
-            name, "clip_pca", encoder=features.encoder_source, encoder_digest=features.encoder_digest
-        )
-    index = {"pca_digest": features.pca.digest, "tables": entries}
-    return EmbeddingTables({**keep, **computed}, index)
-
-
-def _texts_of(name: str) -> Any:
-    if name == BACKGROUND:
-        return BACKGROUND_TEXT
-    return table_texts(name) if name in CLASS_TABLES else None
