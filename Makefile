@@ -13,7 +13,7 @@ EXPERTS ?=
 RUN_ARGS := $(if $(OUT),--out $(OUT)) $(if $(EXPERTS),--experts $(EXPERTS)) --runner $(RUNNER)
 LABELS_DIR = $(if $(OUT),$(OUT),$(LABELS_ROOT)/$(DATASET))
 
-.PHONY: labels test lint weights inspect download prepare train
+.PHONY: labels test lint check weights inspect download prepare train
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(VENV)/.full
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# What CI checks before the tests: lint, formatting, and types (mypy's settings are in pyproject.toml).
+check: $(VENV)/.full lint
+	$(BIN)/mypy
 
 weights: $(VENV)/.full
 	$(BIN)/label-pipeline weights --experts $(EXPERTS)

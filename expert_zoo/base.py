@@ -12,7 +12,7 @@ import json
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -46,15 +46,20 @@ class WeightsOptions(ExpertOptions):
 
     weights: str = ""  # each expert sets its own default source
     sha256: str | None = None
+    # (source option, its sha256 option) for every file the expert loads: resolved before any expert loads.
+    WEIGHT_FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("weights", "sha256"),)
 
 
 def option_names(options_cls: type[ExpertOptions]) -> list[str]:
     return sorted(f.name for f in fields(options_cls) if f.init)
 
 
+OptionsT = TypeVar("OptionsT", bound=ExpertOptions)
+
+
 def validate_options(
-    options_cls: type[ExpertOptions], given: Any, where: str, owner: str = "this expert"
-) -> ExpertOptions:
+    options_cls: type[OptionsT], given: Any, where: str, owner: str = "this expert"
+) -> OptionsT:
     """``given`` checked against ``options_cls``: every key known, every value of its declared type.
 
     ``where`` is the options' key path (``experts[0].options``); each error names the bad key under it.
@@ -140,6 +145,8 @@ class Expert:
     # that always fingerprinted them keep their fingerprints.
     FINGERPRINTED_DEFAULTS: ClassVar[tuple[str, ...]] = ()
     torch_device: Any = None  # the resolved torch device, set by experts that run a network
+    # The default weights' licence as upstream states it (``label-pipeline experts``, docs/EXPERTS.md).
+    LICENCE: ClassVar[str] = ""
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         given = dict(config or {})
@@ -207,7 +214,11 @@ class Expert:
     def encode(self, label: Label) -> dict[str, bytes]:
         """Member extension → bytes, e.g. ``{"png": ..., "json": ...}`` (see docs/FORMAT.md)."""
         if self.spec.mode == NPY_MODE:
+            if label.array is None:
+                raise ValueError(f"{self.spec.name}: an npy-mode expert returned a label without an array")
             return {"npy": encode_npy(label.array)}
+        if label.map is None:
+            raise ValueError(f"{self.spec.name}: a map-mode expert returned a label without a map")
         return encode_label_members(label.map, label.data if self.spec.has_json else None, self.spec.mode)
 
     # -- identity ----------------------------------------------------------------------------

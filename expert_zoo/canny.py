@@ -28,6 +28,7 @@ class CannyOptions(ExpertOptions):
 class CannyEdge(Expert):
     """Edges at the image's own resolution; stored inverted like Prismer (255 = no edge, 0 = edge)."""
 
+    LICENCE = "Apache-2.0 (OpenCV), no weights"
     spec = ExpertSpec(task="edge", backend="canny", version="1", mode="L", batch_size=32)
     Options = CannyOptions
     opts: CannyOptions

@@ -46,6 +46,7 @@ class DPTHybridDepth(TorchExpert):
     ``batch_size`` (images per forward, default ``spec.batch_size``).
     """
 
+    LICENCE = "MIT"
     spec = ExpertSpec(
         task="depth",
         backend="dpt_hybrid",
@@ -96,7 +97,7 @@ def depth_to_label(depth: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     if not bool(torch.isfinite(span)) or float(span) <= 0.0:
         return np.zeros(size, dtype=np.uint8)
     normalised = (depth - low) / span
-    upsampled = resize_bilinear_aligned(normalised[None, None], tuple(size))[0, 0]
+    upsampled = resize_bilinear_aligned(normalised[None, None], (size[0], size[1]))[0, 0]
     return (255 * upsampled).clamp_(0, 255).to(torch.uint8).cpu().numpy()
 
 

@@ -153,6 +153,7 @@ class OWLv2Detection(TorchExpert):
     The 722 text queries are embedded once, here; each batch only runs the image tower and the heads.
     """
 
+    LICENCE = "Apache-2.0"
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="obj_detection",
         backend="owlv2",
@@ -191,15 +192,15 @@ class OWLv2Detection(TorchExpert):
         # Padding to the longest prompt, not to max_length as OWL's processor does: the text tower is
         # causal and pools at EOS, so pad tokens after it cannot change the embedding.
         tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        feats = []
+        chunks: list[torch.Tensor] = []
         with torch.inference_mode():  # fp32 even on CUDA: computed once, and it sets every class score
             for start in range(0, len(prompts), _TEXT_CHUNK):
                 ids = tokens["input_ids"][start : start + _TEXT_CHUNK].to(self.torch_device)
                 mask = tokens["attention_mask"][start : start + _TEXT_CHUNK].to(self.torch_device)
                 out = self.model.owlv2.get_text_features(input_ids=ids, attention_mask=mask)
                 # transformers 5 returns a model output (pooler_output = projected); 4.x the tensor itself.
-                feats.append(getattr(out, "pooler_output", out))
-            feats = F.normalize(torch.cat(feats).float(), dim=-1)
+                chunks.append(getattr(out, "pooler_output", out))
+            feats = F.normalize(torch.cat(chunks).float(), dim=-1)
             index = torch.tensor(owners, device=self.torch_device)
             summed = torch.zeros((len(names), feats.shape[1]), device=self.torch_device).index_add_(
                 0, index, feats
@@ -210,6 +211,8 @@ class OWLv2Detection(TorchExpert):
     def predict_batch(self, images: list[np.ndarray], deps: Mapping[str, list[Label]]) -> list[Label]:
         labels: list[Label] = []
         for image, depth, (boxes, classes, scores) in zip(images, deps["depth"], self.detect(images)):
+            if depth.map is None:
+                raise ValueError("depth label carries no map")
             if depth.map.shape != image.shape[:2]:
                 raise ValueError(f"depth label {depth.map.shape} does not match image {image.shape[:2]}")
             instance_map, records = depth_ordered_instance_map(

@@ -56,7 +56,7 @@ def resize_to_image(edge_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an H×W uint8 map to (height, width) with PIL bilinear, as Prismer writes its labels."""
     height, width = size
     image = Image.fromarray(edge_map).convert("L")
-    return np.asarray(image.resize((width, height), Image.BILINEAR))
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class DexiNedEdge(TorchExpert):
     ``GPU_BATCH_SIZE`` on CUDA).
     """
 
+    LICENCE = "MIT code, BIPED-trained weights"
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="edge",
         backend="dexined",

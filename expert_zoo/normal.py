@@ -59,6 +59,7 @@ class NLLAngMFNormal(TorchExpert):
     """Config: ``weights`` (source, default Prismer's ScanNet checkpoint), optional ``sha256``,
     ``arch`` (``"b5"``, the real network; ``"tiny"`` only exists for tests), ``batch_size``."""
 
+    LICENCE = "not stated upstream (ScanNet-trained)"
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="normal",
         backend="nll_angmf",

@@ -137,6 +137,7 @@ class CharNetOCR(TorchExpert):
     bf16 autocast on CUDA, fp32 on CPU); and any :class:`PostprocessConfig` field to override a threshold.
     """
 
+    LICENCE = "CC-BY-NC-4.0"
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="ocr_detection",
         backend="charnet",

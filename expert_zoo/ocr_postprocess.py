@@ -531,6 +531,8 @@ def decode_words(
         min_neighbours=config.min_neighbours,
         extra=np.ascontiguousarray(char_cls[:, ys, xs].T),
     )
+    if char_probs is None:  # nms_quads merges ``extra`` whenever it is given
+        raise RuntimeError("character NMS returned no class probabilities")
     char_boxes = _round_and_clip(char_boxes, width, height)
     words = read_words(word_boxes, word_scores, char_boxes, char_probs, charset)
     return filter_words(words, lexicon, config)
@@ -550,7 +552,7 @@ def word_label(
     label = np.full((height, width), BACKGROUND, dtype=np.uint8)
     entries = []
     for index, word in enumerate(reversed(words)):
-        corners = np.int32(word.box.reshape(-1, 2))
+        corners = word.box.reshape(-1, 2).astype(np.int32)
         cv2.fillPoly(label, [corners], index)
         entries.append(
             {

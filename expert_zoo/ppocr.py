@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import cv2
 import numpy as np
@@ -39,7 +39,15 @@ class PPOCROptions(ExpertOptions):
                 raise ConfigError(f"{name}: must be between 0 and 1, got {getattr(self, name)}")
 
 
+class _Detected(Protocol):
+    """What rapidocr returns with detection on (its ``__call__`` is typed as any step's output)."""
+
+    boxes: np.ndarray | None
+    scores: Sequence[float] | None
+
+
 class PPOCRDetection(Expert):
+    LICENCE = "Apache-2.0 (in the rapidocr wheel)"
     spec = ExpertSpec(
         task="ocr_detection", backend="ppocr", version="1", mode="L", has_json=True, batch_size=8
     )
@@ -71,7 +79,8 @@ class PPOCRDetection(Expert):
 
     def _label(self, image: np.ndarray) -> Label:
         recognize = self.opts.recognize
-        result = self.engine(np.ascontiguousarray(image[:, :, ::-1]), use_cls=False, use_rec=recognize)
+        raw = self.engine(np.ascontiguousarray(image[:, :, ::-1]), use_cls=False, use_rec=recognize)
+        result = cast(_Detected, raw)
         boxes = [] if result.boxes is None else list(result.boxes)
         texts = list(getattr(result, "txts", None) or []) if recognize else []
         scores = list(result.scores or [])

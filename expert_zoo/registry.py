@@ -6,12 +6,13 @@ import importlib
 import importlib.metadata
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any
 
 from expert_zoo.base import Expert, ExpertOptions
 from label_pipeline.core.errors import ConfigError, ExpertUnavailable
 from label_pipeline.core.expert_request import ExpertRequest
+from label_pipeline.core.weights import WeightSource
 
 logger = logging.getLogger(__name__)
 PLUGIN_GROUP = "label_pipeline.experts"  # entry points: name "task:backend", value "module:Class"
@@ -163,6 +164,29 @@ class ResolvedExpert:
     def build(self, device: str = "cpu") -> Expert:
         """Construct (and so load) the expert."""
         return self.cls(self.options, device=device)
+
+    def weight_sources(self) -> list[WeightSource]:
+        """The files and model directories this entry will load (see :func:`weight_sources`)."""
+        return weight_sources(self.cls, self.options)
+
+
+def weight_sources(cls: type[Expert], options: Mapping[str, Any] | None = None) -> list[WeightSource]:
+    """What ``cls`` loads with ``options`` as given (an option not given takes its default): one source
+    per ``WEIGHT_FIELDS`` entry of its ``Options`` that names one; empty for an expert without weights.
+
+    Read from the options alone, nothing is constructed, so an expert with a required option (no
+    default) still lists its other sources.
+    """
+    given = dict(options or {})
+    defaults = {f.name: f.default for f in fields(cls.Options) if f.default is not MISSING}
+    sources = []
+    for source_key, sha_key in getattr(cls.Options, "WEIGHT_FIELDS", ()):
+        source = given.get(source_key, defaults.get(source_key))
+        if source:
+            sha256 = given.get(sha_key, defaults.get(sha_key))
+            default = source == defaults.get(source_key)
+            sources.append(WeightSource(cls.spec.name, str(source), sha256, default=default))
+    return sources
 
 
 def resolve_expert(request: ExpertRequest) -> ResolvedExpert:

@@ -177,6 +177,7 @@ class Mask2FormerCOCO(TorchExpert):
     ``batch_size``.
     """
 
+    LICENCE = "CC-BY-NC-4.0 weights, MIT code"
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="seg_coco",
         backend="mask2former",
@@ -203,7 +204,7 @@ class Mask2FormerCOCO(TorchExpert):
         # Batch only images of one padded shape, so a label never depends on its batch-mates' padding.
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, tensor in enumerate(inputs):
-            groups[padded_shape(tuple(tensor.shape[1:]))].append(index)
+            groups[padded_shape((tensor.shape[1], tensor.shape[2]))].append(index)
         maps: list[np.ndarray | None] = [None] * len(images)
         for shape, indices in groups.items():
             for part in self.forward_slices(len(indices)):
@@ -231,7 +232,10 @@ class Mask2FormerCOCO(TorchExpert):
         with torch.inference_mode():
             for i, (tensor, size) in enumerate(zip(inputs, sizes)):
                 scores = semantic_scores(
-                    out.class_queries_logits[i], out.masks_queries_logits[i], shape, tuple(tensor.shape[1:])
+                    out.class_queries_logits[i],
+                    out.masks_queries_logits[i],
+                    shape,
+                    (tensor.shape[1], tensor.shape[2]),
                 )
                 maps.append(resize_argmax(scores, size).to(torch.uint8).cpu().numpy())
         return maps

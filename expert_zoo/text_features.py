@@ -101,7 +101,8 @@ class PcaProjection:
 
     def save(self, path: str | Path, **extra: np.ndarray) -> None:
         """Write the ``.npz`` that :meth:`load` reads (float64), plus any ``extra`` arrays."""
-        np.savez(path, components=self.components, mean=self.mean, **extra)
+        # Numeric arrays only: load() reads them back with allow_pickle=False.
+        np.savez(path, allow_pickle=False, components=self.components, mean=self.mean, **extra)
 
 
 def fit_pca(features: np.ndarray, dim: int = EMBED_DIM) -> tuple[PcaProjection, dict[str, np.ndarray]]:
@@ -197,6 +198,7 @@ class TextFeatureOptions(WeightsOptions):
     weights: str = DEFAULT_ENCODER
     pca: str = ""
     pca_sha256: str | None = None
+    WEIGHT_FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("weights", "sha256"), ("pca", "pca_sha256"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -271,6 +273,7 @@ class TextFeatures:
 class ClipPcaWordFeatures(Expert):
     """Per-word CLIP-PCA features of the OCR words (Prismer's ``{idx: {features, text}}`` side file)."""
 
+    LICENCE = "MIT (CLIP); the PCA's own"
     spec: ClassVar[ExpertSpec] = ExpertSpec(
         task="ocr_features",
         backend="clip_pca",
@@ -281,6 +284,7 @@ class ClipPcaWordFeatures(Expert):
         uses_gpu=True,
     )
     Options: ClassVar[type[TextFeatureOptions]] = TextFeatureOptions
+    opts: TextFeatureOptions
 
     def __init__(self, config: Mapping[str, Any] | None = None, device: str = "cpu") -> None:
         super().__init__(config, device)

@@ -8,11 +8,12 @@ the output (on every rerun, until they are gone); 2 = usage or configuration err
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from expert_zoo.registry import ExpertUnavailable, available
@@ -22,6 +23,7 @@ from label_pipeline.output import OutputLocked
 from label_pipeline.run import RunOptions, RunSummary
 
 if TYPE_CHECKING:
+    from expert_zoo.base import Expert
     from label_pipeline.verify import VerifyReport
 
 logger = logging.getLogger("label_pipeline")
@@ -46,7 +48,129 @@ exit codes:
 
 A rerun skips shards whose done-record still matches their tar, records and input shard, and labels
 the others again. Tracebacks go to OUT/logs/run-*.log (and to the terminal with --debug).
+
+examples:
+  label-pipeline run demo                                   # manifests/demo.yaml, in this process
+  label-pipeline run manifests/cc12m.yaml --limit-shards 2 --experts edge:canny,depth
+  label-pipeline run cc12m --out s3://bucket/labels/cc12m --runner ray --address auto
+  label-pipeline run coco --relabel depth                   # a changed depth expert may overwrite labels
 """
+
+MAIN_EPILOG = """examples:
+  label-pipeline run demo && label-pipeline inspect labels/demo --out sheet.png
+  label-pipeline status labels/demo
+  label-pipeline experts                       # backends, defaults, weights, licences
+  label-pipeline weights --experts depth,normal
+  label-pipeline SUBCOMMAND --help             # each subcommand's options, examples and exit codes
+
+exit codes: 0 ok; 1 failures recorded in the output; 2 usage or configuration error (nothing done);
+130 interrupted by Ctrl-C, 143 stopped by SIGTERM (rerun the same command to resume).
+"""
+
+# Each subcommand's epilog: examples, then what its exit codes mean.
+EPILOGS = {
+    "status": """examples:
+  label-pipeline status labels/demo
+  label-pipeline status s3://bucket/labels/cc12m --json          # the same, for scripts
+  label-pipeline status labels/demo --failures --limit 20        # shard, key, expert, reason
+
+exit codes:
+  0  no shard is damaged or failed (failed samples are listed, not an error here)
+  1  a shard is damaged or failed
+  2  not an output root (no _run.json / records), or a bad option
+""",
+    "verify": """examples:
+  label-pipeline verify labels/demo
+  label-pipeline verify labels/demo --repair --device cuda
+
+exit codes:
+  0  every shard reads back intact (after --repair: once repaired)
+  1  problems found (one PROBLEM line each; also for a folder that is not an output root), or a
+     shard could not be repaired
+  2  bad option
+""",
+    "inspect": """examples:
+  label-pipeline inspect labels/demo --out sheet.png                  # first done shard, 4 samples
+  label-pipeline inspect labels/demo --shard 00003 --key 000030007 --out one.png
+  label-pipeline inspect labels/demo/shards/00000.tar --limit 8 --out sheet.png
+
+Depth gets a colour bar, seg/detection/OCR legends a swatch per class or instance, edge maps keep
+1-px lines when shrunk; an undecodable image or label is a grey panel with its status.
+
+exit codes:
+  0  sheet written
+  1  the tar is damaged: the samples before the damage are drawn, the error is printed
+  2  path, shard or key not found, or nothing to show
+""",
+    "weights": """examples:
+  label-pipeline weights --experts depth,normal,edge,seg_coco       # (make weights EXPERTS=...)
+  HF_HOME=/cache/huggingface label-pipeline weights --experts obj_detection
+
+Hub weights go to the standard Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else
+~/.cache/huggingface/hub), shared with `hf download` and transformers; URL weights go to
+$LABEL_PIPELINE_CACHE/url (default ~/.cache/label_pipeline). Every expert is tried; all missing
+weights are one message. With HF_HUB_OFFLINE=1 nothing is fetched: only the caches are checked.
+
+exit codes:
+  0  every expert's weights are on this machine and load
+  2  an unknown expert, or weights missing or unreadable (each named, with what to do)
+""",
+    "experts": """examples:
+  label-pipeline experts
+
+Columns: task, backend, default (the backend a bare task name picks), weights (whether it loads
+weights), cached (whether its default weights are already on this machine), licence (as upstream
+states it; see docs/EXPERTS.md).
+
+exit codes:
+  0  always
+""",
+    "import-prismer-tables": """examples:
+  git clone https://github.com/NVlabs/prismer
+  label-pipeline import-prismer-tables prismer labels/coco/embeddings
+
+exit codes:
+  0  tables written
+  2  not a Prismer checkout, or its files do not read as tables
+""",
+    "fit-pca": """examples:
+  label-pipeline fit-pca words.txt pca.npz
+  label-pipeline fit-pca words.txt pca.npz --encoder hf-hub:openai/clip-vit-base-patch32 --device cuda
+
+exit codes:
+  0  PCA written
+  2  too few words for a 64-component PCA, or the encoder is unavailable
+""",
+    "export-prismer": """examples:
+  label-pipeline export-prismer labels/coco /data/prismer_labels
+  label-pipeline export-prismer labels/coco /data/prismer_labels --images /data/prismer_images
+
+exit codes:
+  0  every sample exported
+  1  samples were left out (failed or damaged; counted in the summary)
+  2  not an output root, or DEST inside it
+""",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (where there is one to show), epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # "(default: None)", "(default: False)" and "(default: [])" say nothing: only real defaults are
+        # appended (identity checks: a default of 0 is a real one, though 0 == False).
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _apply_help(sub: argparse._SubParsersAction) -> None:
+    """The same formatter for every subcommand (those others add included), and its epilog."""
+    for name, parser in sub.choices.items():
+        if name in DELEGATED:
+            continue  # the delegated module's own parser prints its help
+        parser.formatter_class = HelpFormatter
+        parser.epilog = EPILOGS.get(name, parser.epilog)
 
 
 def _csv(value: str) -> list[str]:
@@ -55,7 +179,10 @@ def _csv(value: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="label-pipeline", description="Prismer expert labels at dataset scale, into WebDataset shards."
+        prog="label-pipeline",
+        description="Prismer expert labels at dataset scale, into WebDataset shards.",
+        epilog=MAIN_EPILOG,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(
@@ -70,34 +197,59 @@ def build_parser() -> argparse.ArgumentParser:
         delegated.add_argument("rest", nargs=argparse.REMAINDER)
 
     run = sub.add_parser(
-        "run",
-        help="label a dataset (manifest path or name in manifests/)",
-        epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run.add_argument("manifest")
-    run.add_argument("--out", help="output root (fsspec URL); default: the manifest's output")
-    run.add_argument(
-        "--experts", type=_csv, help="comma-separated task[:backend] list, replacing the manifest's"
+        "run", help="label a dataset (manifest path or name in manifests/)", epilog=RUN_EPILOG
     )
     run.add_argument(
-        "--relabel", type=_csv, default=[], help="tasks whose changed expert may overwrite labels"
+        "manifest", help="a manifest YAML, or the name of one in manifests/ (demo, cc12m, coco, …)"
     )
-    run.add_argument("--limit-shards", type=int, help="only the first N input shards")
-    run.add_argument("--runner", choices=["local", "ray"], default="local")
-    run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--out", metavar="DIR", help="output root (fsspec URL); default: the manifest's output")
+    run.add_argument(
+        "--experts",
+        type=_csv,
+        metavar="LIST",
+        help="comma-separated task[:backend] list, replacing the manifest's",
+    )
+    run.add_argument(
+        "--relabel",
+        type=_csv,
+        default=[],
+        metavar="TASKS",
+        help="comma-separated tasks whose changed expert may overwrite labels (default: none)",
+    )
+    run.add_argument("--limit-shards", type=int, metavar="N", help="only the first N input shards")
+    run.add_argument(
+        "--runner", choices=["local", "ray"], default="local", help="in this process, or on a Ray cluster"
+    )
+    run.add_argument(
+        "--address", metavar="ADDR", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+    )
     run.add_argument("--device", default="auto", help="torch device for in-process experts (auto/cpu/cuda)")
     run.add_argument(
         "--force-unlock", action="store_true", help="take over a lock left by a run that is gone"
     )
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or periodic progress lines")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     status = sub.add_parser("status", help="summarise an output root")
-    status.add_argument("output")
+    status.add_argument("output", help="an output root (OUT of `label-pipeline run`; fsspec URL)")
+    status.add_argument(
+        "--json", action="store_true", help="print the status (or with --failures, the failures) as JSON"
+    )
+    status.add_argument(
+        "--failures",
+        action="store_true",
+        help="list failed shards, samples and experts (shard, key, expert, status, reason) from the records",
+    )
+    status.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        metavar="N",
+        help="with --failures: show the first N failures, 0 for all (default: %(default)s)",
+    )
 
     verify = sub.add_parser("verify", help="re-read every shard: checksums, keys, decodable members")
-    verify.add_argument("output")
+    verify.add_argument("output", help="an output root (OUT of `label-pipeline run`; fsspec URL)")
     verify.add_argument(
         "--repair",
         action="store_true",
@@ -112,10 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--limit", type=int, default=4, help="samples to show without --key")
     inspect.add_argument("--out", required=True, help="PNG file to write")
 
-    weights = sub.add_parser("weights", help="prefetch the weights of experts into the cache")
-    weights.add_argument("--experts", type=_csv, required=True)
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page: run summary, label statistics per expert, contact sheets",
+        epilog=REPORT_EPILOG,
+    )
+    report.add_argument("output", help="an output root (OUT of `label-pipeline run`; fsspec URL)")
+    report.add_argument("--out", default="report.html", help="HTML file to write (fsspec URL)")
+    report.add_argument("--samples", type=int, default=1000, help="labels read for the statistics, at most")
+    report.add_argument("--shards", type=int, default=16, help="shards those labels are read from, at most")
+    report.add_argument("--gallery", type=int, default=6, help="random samples drawn as contact sheets")
+    report.add_argument("--failures", type=int, default=6, help="failed samples drawn as contact sheets")
+    report.add_argument("--seed", type=int, default=0, help="seed of the shard and sample draws")
 
-    sub.add_parser("experts", help="list registered experts")
+    weights = sub.add_parser(
+        "weights", help="fetch the weights of experts into the cache and check that they load"
+    )
+    weights.add_argument(
+        "--experts",
+        type=_csv,
+        required=True,
+        metavar="LIST",
+        help="comma-separated task[:backend] list, e.g. depth,normal",
+    )
+
+    sub.add_parser("experts", help="table of experts: default backend, weights, cached, licence")
 
     prismer = sub.add_parser(
         "import-prismer-tables", help="convert Prismer's CLIP-PCA tables (dataset/*.pt, clip_pca.pkl)"
@@ -128,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("out", help=".npz to write: the `pca` option of ocr_features")
     fit.add_argument("--encoder", help="CLIP text encoder (default hf-hub:openai/clip-vit-large-patch14)")
     fit.add_argument("--sha256", help="expected sha256 of the encoder's weight file")
-    fit.add_argument("--device", default="auto")
+    fit.add_argument("--device", default="auto", help="torch device for the encoder (auto/cpu/cuda)")
 
     export = sub.add_parser(
         "export-prismer",
@@ -142,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--images", help="also copy the labelled images (and captions) to IMAGES/{dataset}/{sub}/"
     )
+    _apply_help(sub)  # last: it covers every subcommand added above
     return parser
 
 
@@ -224,10 +398,24 @@ def format_summary(summary: RunSummary) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from label_pipeline.status import format_status, output_status
+    import json
 
+    from label_pipeline.status import (
+        format_failures,
+        format_status,
+        list_failures,
+        output_status,
+        status_as_dict,
+    )
+
+    if args.limit < 0:
+        raise ConfigError(f"--limit {args.limit}: expected 0 (all) or a positive number")
+    if args.failures:
+        listing = list_failures(args.output, limit=args.limit or None)
+        print(json.dumps(listing.as_dict(), indent=1) if args.json else format_failures(listing))
+        return EXIT_FAILURES if listing.has_problems else EXIT_OK
     status = output_status(args.output)
-    print(format_status(status))
+    print(json.dumps(status_as_dict(status), indent=1) if args.json else format_status(status))
     return EXIT_FAILURES if status.has_problems else EXIT_OK
 
 
@@ -280,20 +468,65 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_weights(args: argparse.Namespace) -> int:
-    """Fetch and load every named expert's weights; each failure is one line, the others still run."""
-    from expert_zoo.registry import build_expert
+REPORT_EPILOG = """examples:
+  label-pipeline report labels/demo                       # writes ./report.html
+  label-pipeline report s3://bucket/labels/cc12m --out cc12m.html --samples 5000 --shards 50
 
-    failed = []
-    for name in args.experts:
+Counts come from every record; label distributions from the first samples of --shards shards drawn
+with --seed (at most --samples labels are decoded, so the time does not grow with the output).
+
+exit codes:
+  0  report written (flags about suspicious labels or failed shards are in the page, not the code)
+  2  not an output root, or a bad option
+"""
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from label_pipeline.report import ReportOptions, report_flags, write_report
+
+    options = ReportOptions(args.samples, args.shards, args.gallery, args.failures, args.seed)
+    report, size = write_report(args.output, args.out, options)
+    print(
+        f"wrote {args.out} ({size / 1e6:.1f} MB): {report.records.samples} samples, "
+        f"{sum(report.sampled.values())} labels read from {len(report.sampled)} shards, "
+        f"{len(report_flags(report))} flags; open it in a browser"
+    )
+    return EXIT_OK
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """Fetch every named expert's default weights (all that are missing in one message), then load each
+    expert to check its files; each failure is named, the others still run."""
+    from expert_zoo.registry import build_expert, expert_class, resolve_name, weight_sources
+    from label_pipeline.core.expert_request import ExpertRequest
+    from label_pipeline.core.weights import fetch_weights, missing_weights_message
+
+    failed: list[str] = []
+    names: list[str] = []
+    for given in args.experts:
         try:
-            # Constructing an expert resolves (downloads) and loads its weights: a broken file shows here.
-            build_expert(name, device="cpu")
-        except ExpertUnavailable as exc:
+            names.append(resolve_name(ExpertRequest.parse(given)))
+        except (ExpertUnavailable, ConfigError) as exc:
+            logger.error("%s", exc)
+            failed.append(given)
+    sources = {}
+    for name in names:
+        try:
+            sources[name] = weight_sources(expert_class(name))
+        except ExpertUnavailable as exc:  # e.g. the expert's package is not installed
             logger.error("%s", exc)
             failed.append(name)
-            continue
-        print(f"{name}: weights ready")
+    missing = fetch_weights([source for found in sources.values() for source in found])
+    if missing:
+        logger.error("%s", missing_weights_message(missing))
+    absent = {item.expert for item, _ in missing}
+    for name in sources:
+        if name in absent:
+            failed.append(name)
+        elif (ready := _check_loads(name, build_expert)) is not None:
+            print(ready)
+        else:
+            failed.append(name)
     if failed:
         total = len(args.experts)
         logger.error("weights not ready for %d of %d experts: %s", len(failed), total, ", ".join(failed))
@@ -301,10 +534,77 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_loads(name: str, build_expert: Callable[..., object]) -> str | None:
+    """Load ``name`` on CPU (a truncated or foreign file shows here): the line to print, or None after
+    logging why it does not load."""
+    try:
+        build_expert(name, device="cpu")
+    except ConfigError as exc:
+        # An option without a default (ocr_features' pca): the default weights are there all the same.
+        return f"{name}: weights ready (not test-loaded: {exc})"
+    except ExpertUnavailable as exc:
+        logger.error("%s", exc)
+        return None
+    return f"{name}: weights ready"
+
+
 def cmd_experts(args: argparse.Namespace) -> int:
-    for name in available():
-        print(name)
+    """A table of every registered expert: task, backend, default, weights, cached, licence."""
+    from label_pipeline.core.weights import cache_root, hub_cache_dir
+
+    rows, notes = expert_rows()
+    header = ("task", "backend", "default", "weights", "cached", "licence")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for note in notes:
+        print(note)
+    print(
+        f"hub weights: {hub_cache_dir()} (the Hugging Face cache); URL weights: {cache_root() / 'url'}; "
+        "fetch with `make weights EXPERTS=task[:backend],...`"
+    )
     return EXIT_OK
+
+
+def expert_rows() -> tuple[list[tuple[str, ...]], list[str]]:
+    """One row per registered expert, and notes (options without a default, experts that cannot load)."""
+    from expert_zoo.registry import expert_class, resolve_name, weight_sources
+    from label_pipeline.core.expert_request import ExpertRequest
+    from label_pipeline.core.weights import find_cached
+
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for name in available():
+        task, _, backend = name.partition(":")
+        default = "yes" if resolve_name(ExpertRequest.parse(task)) == name else "no"
+        try:
+            cls = expert_class(name)
+        except ExpertUnavailable as exc:
+            rows.append((task, backend, default, "?", "?", "?"))
+            notes.append(f"{name}: {exc}")
+            continue
+        sources = weight_sources(cls)
+        cached = [find_cached(source.source) is not None for source in sources]
+        rows.append(
+            (
+                task,
+                backend,
+                default,
+                "yes" if sources else "no",
+                ("yes" if all(cached) else "no" if not any(cached) else "partly") if sources else "-",
+                cls.LICENCE or "?",
+            )
+        )
+        required = _required_weight_options(cls)
+        if required:
+            notes.append(f"{name} also needs the option(s) {', '.join(required)} (no default)")
+    return rows, notes
+
+
+def _required_weight_options(cls: type[Expert]) -> list[str]:
+    """The weight options of ``cls`` that have no default source: the manifest must give them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls.Options)}
+    return [key for key, _ in getattr(cls.Options, "WEIGHT_FIELDS", ()) if not defaults.get(key)]
 
 
 def cmd_import_prismer_tables(args: argparse.Namespace) -> int:
@@ -352,6 +652,7 @@ COMMANDS = {
     "status": cmd_status,
     "verify": cmd_verify,
     "inspect": cmd_inspect,
+    "report": cmd_report,
     "weights": cmd_weights,
     "experts": cmd_experts,
     "import-prismer-tables": cmd_import_prismer_tables,

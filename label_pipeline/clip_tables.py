@@ -94,7 +94,7 @@ class PcaUnpickler(pickle.Unpickler):
         if module == "sklearn" or module.startswith("sklearn."):
             return PickledObject
         if (module, name) == ("copyreg", "_reconstructor"):
-            return copyreg._reconstructor
+            return copyreg._reconstructor  # type: ignore[attr-defined]  # private: typeshed omits it
         if (module, name) == ("builtins", "object"):
             return object
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a PCA pickle")
@@ -193,7 +193,8 @@ def _save_pca(out_dir: str, pca: Any, extra: dict[str, np.ndarray]) -> None:
     fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/pca.npz", "wb") as handle:
-        np.savez(handle, components=pca.components, mean=pca.mean, **extra)
+        # Numeric arrays only: TextFeatures reads them back with allow_pickle=False.
+        np.savez(handle, allow_pickle=False, components=pca.components, mean=pca.mean, **extra)
 
 
 # ================================================================================================

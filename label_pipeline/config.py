@@ -10,7 +10,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import yaml
@@ -19,6 +19,9 @@ from label_pipeline.core.decode import DEFAULT_MAX_PIXELS
 from label_pipeline.core.errors import ConfigError
 from label_pipeline.core.expert_request import ExpertRequest
 from label_pipeline.core.validation import check_type, did_you_mean
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # The dataset manifests: package data (a link to the top-level manifests/ in a source checkout).
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
@@ -59,7 +62,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def check_fields(obj: Any, where: str = "") -> None:
+def check_fields(obj: DataclassInstance, where: str = "") -> None:
     """Check every field of a config dataclass against its annotation (bools are bools, paths are
     strings, numbers are numbers); the error names the key path, e.g. ``source.skip_missing``."""
     types = _field_types(type(obj))
@@ -104,6 +107,13 @@ class SourceConfig:
             if not getattr(self, name):
                 raise ConfigError(f"source.{name}: required for format {self.format!r}")
         _check_positive(self.shard_size, "source.shard_size")
+
+    def required(self, name: str) -> str:
+        """The value of path field ``name`` (``path``, ``images``, ``image_data``) this format needs."""
+        value = getattr(self, name)
+        if not value:
+            raise ConfigError(f"source.{name}: required for format {self.format!r}")
+        return str(value)
 
 
 @dataclass

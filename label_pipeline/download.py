@@ -321,7 +321,7 @@ def shard_folder(manifest: Manifest) -> tuple[str, int]:
     """The one folder a webdataset manifest's shards live in, and how many shards it lists."""
     if manifest.source.format != "webdataset":
         raise ConfigError(f"manifest {manifest.name}: source.format must be webdataset to download into")
-    urls = expand_shard_urls(manifest.source.path)
+    urls = expand_shard_urls(manifest.source.required("path"))
     folders = sorted({url.rsplit("/", 1)[0] for url in urls})
     if len(folders) != 1:
         raise ConfigError(f"source.path: the shards must be in one folder to download into, got {folders}")

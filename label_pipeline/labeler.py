@@ -413,8 +413,9 @@ def chunked(items: Iterable[Any], size: int, budget: PixelBudget | None = None) 
                 chunk, chunk_bytes = [], 0
             if not budget.wait_for_room():
                 return  # the consumer has stopped: decode nothing more
-        item = next(stream, _END)
-        if item is _END:
+        try:
+            item = next(stream)
+        except StopIteration:
             break
         nbytes = 0
         if budget is not None:
@@ -430,6 +431,3 @@ def chunked(items: Iterable[Any], size: int, budget: PixelBudget | None = None) 
             chunk, chunk_bytes = [], 0
     if chunk:
         yield chunk
-
-
-_END = object()

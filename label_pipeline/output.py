@@ -227,15 +227,15 @@ class OutputStore:
         done: dict[str, dict[str, Any]] = {}
         damaged: dict[str, str] = {}
         for shard_id in shard_ids:
-            stat = records.get(f"{shard_id}.done.json", _ABSENT)
-            if stat is _ABSENT:
+            name = f"{shard_id}.done.json"
+            if name not in records:
                 continue
-            record = self._indexed_record(index, shard_id, stat, fresh)
+            record = self._indexed_record(index, shard_id, records[name], fresh)
             problem = _commit_mismatch(
                 shard_id, record, tars.get(f"{shard_id}.tar"), records.get(f"{shard_id}.parquet")
             )
             if problem is None:
-                done[shard_id] = record  # type: ignore[assignment]
+                done[shard_id] = record
             else:
                 damaged[shard_id] = problem
         if save_index and fresh:
@@ -400,9 +400,6 @@ class OutputStore:
             os.close(handle)  # closing drops the flock
         elif (self.read_json(self.lock_path) or {}).get("token") == handle:
             self._remove_quietly(self.lock_path)
-
-
-_ABSENT = object()
 
 
 def _stat_in_records(name: str) -> bool:

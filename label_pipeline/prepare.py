@@ -24,6 +24,7 @@ import fsspec
 from label_pipeline.config import ConfigError, Manifest, load_manifest
 from label_pipeline.core.entry import EXIT_FAILURES, EXIT_OK, run_command, setup_console
 from label_pipeline.sources import build_source
+from label_pipeline.sources.chunked import ChunkedSource
 
 logger = logging.getLogger("label_pipeline.prepare")
 EXIT_MISSING = EXIT_FAILURES  # files are missing or incomplete
@@ -153,7 +154,10 @@ def _check_folder(path: str, expected: Expected) -> Check:
 
 def spot_check_images(manifest: Manifest) -> tuple[int, list[str]]:
     """Entries the annotations give, and those of an even sample whose image file is missing."""
-    entries = build_source(manifest.source).list_entries()
+    source = build_source(manifest.source)
+    if not isinstance(source, ChunkedSource):  # prepare() only takes coco and vg, which list entries
+        raise ConfigError(f"source.format {manifest.source.format!r}: no annotation entries to check")
+    entries = source.list_entries()
     step = max(1, len(entries) // SPOT_CHECK)
     missing = []
     for entry in entries[::step][:SPOT_CHECK]:

@@ -116,6 +116,8 @@ def describe_expert_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> li
 
 def _option_defaults(name: str | None) -> dict[str, Any]:
     """The default of each option of the expert registered as ``name``, when it can be imported."""
+    if name is None:  # an entry written before names were recorded
+        return {}
     try:
         return asdict(expert_class(name).Options())
     except (KeyError, ExpertUnavailable):  # no longer registered here: shown as plain "default"

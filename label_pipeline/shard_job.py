@@ -184,7 +184,7 @@ def _done_record(
     statuses = Counter(row["status"] for row in rows)
     experts = dict((plan.previous or {}).get("experts", {}))
     for task in plan.tasks:
-        outcomes = Counter()
+        outcomes: Counter[str] = Counter()
         for row in rows:
             outcomes.update([_expert_outcome(row, task)])
         experts[task] = {

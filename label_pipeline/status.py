@@ -7,16 +7,21 @@ as damaged, not done; a done shard whose input shard changed since it was labell
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from label_pipeline.config import ConfigError, SourceConfig
 from label_pipeline.download import DownloadSummary, format_download_summary, read_download_summary
 from label_pipeline.inputs import input_identities, list_folder
 from label_pipeline.output import OutputStore
+from label_pipeline.run_stats import latest_stats
 from label_pipeline.sources import InputShard, Source, build_source
 from label_pipeline.sources.webdataset import expand_shard_urls
 
@@ -37,8 +42,9 @@ class OutputStatus:
     damaged: dict[str, str] = field(default_factory=dict)  # done-records the files no longer match
     stale_inputs: dict[str, str] = field(default_factory=dict)  # done shards whose input changed since
     pending: int | None = None  # input shards neither done, failed nor damaged (None: source unlisted)
-    run_stats: dict[str, Any] | None = None  # the latest OUT/stats/*.json (written by the Ray runner)
+    run_stats: dict[str, Any] | None = None  # the latest OUT/stats/*.json (either runner)
     downloads: list[DownloadSummary] = field(default_factory=list)  # img2dataset stats beside the inputs
+    done_records: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # shard id → record
 
     @property
     def has_problems(self) -> bool:
@@ -63,6 +69,7 @@ def output_status(root: str, count_source: bool = True) -> OutputStatus:
         if sid not in done and sid not in damaged
     }
     status = OutputStatus(root, run.get("dataset"), None, len(done), failed, samples=0, damaged=damaged)
+    status.done_records = done
     for record in done.values():
         _add_record(status, record, run)
     if count_source:
@@ -97,7 +104,7 @@ def _add_record(status: OutputStatus, record: dict[str, Any], run: dict[str, Any
     if record.get("input_error"):
         status.input_errors[record["shard"]] = str(record["input_error"])
     experts = record.get("experts")
-    run_experts = run.get("experts") if isinstance(run.get("experts"), dict) else {}
+    run_experts = found if isinstance(found := run.get("experts"), dict) else {}
     for task, info in (experts if isinstance(experts, dict) else {}).items():
         info = info if isinstance(info, dict) else {}
         entry = status.experts.setdefault(task, {"shards": 0, "ok": 0, "failed": 0, "stale": 0})
@@ -145,12 +152,8 @@ def recorded_input(record: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def latest_run_stats(store: OutputStore) -> dict[str, Any] | None:
-    """The newest run statistics file (names start with a UTC timestamp)."""
-    for path in sorted(store.fs.glob(f"{store.root}/stats/*.json"), reverse=True):
-        stats = store.read_json(path)
-        if stats is not None:
-            return stats
-    return None
+    """The newest run statistics file, whichever runner wrote it (``OUT/stats/{runner}-{utc}-…``)."""
+    return latest_stats(store)
 
 
 def format_run_stats(stats: dict[str, Any]) -> list[str]:
@@ -174,7 +177,7 @@ def format_run_stats(stats: dict[str, Any]) -> list[str]:
         )
         p50, p95 = _percentile(hist, edges, 0.5), _percentile(hist, edges, 0.95)
         lines.append(
-            f"{task:<16}{len(replicas):>9}{entry.get('images_per_s') or 0:>10.1f}{busy:>6.0%}"
+            f"{task:<16}{len(replicas) or 1:>9}{entry.get('images_per_s') or 0:>10.1f}{busy:>6.0%}"
             f"{entry.get('batches', 0):>9}{p50:>9}{p95:>9}  {faults:<42}  {gpus}"
         )
     return lines
@@ -252,4 +255,139 @@ def format_status(status: OutputStatus) -> str:
         lines += ["", *format_run_stats(status.run_stats)]
     for summary in status.downloads:
         lines += ["", format_download_summary(summary)]
+    return "\n".join(lines)
+
+
+# -- machine-readable status and the failure list ----------------------------------------------------
+def status_as_dict(status: OutputStatus) -> dict[str, Any]:
+    """Everything ``format_status`` prints, as JSON-able data (``status --json``)."""
+    return {
+        "output": status.root,
+        "dataset": status.dataset,
+        "has_problems": status.has_problems,
+        "shards": {
+            "total": status.shards_total,
+            "done": status.done,
+            "failed": len(status.failed),
+            "damaged": len(status.damaged),
+            "pending": status.pending,
+            "stale": len(status.stale_inputs),
+        },
+        "samples": status.samples,
+        "sample_status": dict(sorted(status.sample_status.items())),
+        "experts": {task: dict(entry) for task, entry in sorted(status.experts.items())},
+        "failed_shards": dict(sorted(status.failed.items())),
+        "damaged_shards": dict(sorted(status.damaged.items())),
+        "stale_shards": dict(sorted(status.stale_inputs.items())),
+        "input_errors": dict(sorted(status.input_errors.items())),
+        "run_stats": status.run_stats,
+        "downloads": [_download_as_dict(summary) for summary in status.downloads],
+    }
+
+
+def _download_as_dict(summary: DownloadSummary) -> dict[str, Any]:
+    return {
+        **asdict(summary),
+        "expected": summary.expected,
+        "not_started": summary.not_started,
+        "complete": summary.complete,
+    }
+
+
+@dataclass
+class Failure:
+    """One failure in an output: a sample, one expert on a sample, or a whole shard (``key`` None)."""
+
+    shard: str
+    key: str | None
+    expert: str | None  # None: the sample (or shard) failed as a whole
+    status: str
+    reason: str
+
+
+@dataclass
+class FailureList:
+    failures: list[Failure]  # the first ``limit``, in shard order
+    total: int  # every failure the output's records count, shown or not
+    has_problems: bool = False  # a failed or damaged shard (``status`` exits 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "has_problems": self.has_problems,
+            "total": self.total,
+            "shown": len(self.failures),
+            "failures": [asdict(failure) for failure in self.failures],
+        }
+
+
+def list_failures(root: str, limit: int | None = None) -> FailureList:
+    """The failures of ``root`` from its records: failed, damaged and damaged-input shards first, then
+    each failed sample (``error`` column) and each failed expert of a ``partial`` sample
+    (``expert_status``). Parquet files are read only until ``limit`` failures are found; the total
+    comes from the done-records' counts."""
+    store = OutputStore(root)
+    status = output_status(root, count_source=False)
+    done = status.done_records  # committed shards only: a damaged shard's records are not trusted
+    failures = _shard_failures(status)
+    total = len(failures) + sum(_recorded_failures(record) for record in done.values())
+    for shard_id in sorted(done):
+        if limit is not None and len(failures) >= limit:
+            break
+        if _recorded_failures(done[shard_id]):
+            failures.extend(_sample_failures(store, shard_id))
+    return FailureList(failures if limit is None else failures[:limit], total, status.has_problems)
+
+
+def _shard_failures(status: OutputStatus) -> list[Failure]:
+    rows = [Failure(sid, None, None, "shard_failed", error) for sid, error in sorted(status.failed.items())]
+    rows += [Failure(sid, None, None, "shard_damaged", why) for sid, why in sorted(status.damaged.items())]
+    rows += [Failure(sid, None, None, "input_error", e) for sid, e in sorted(status.input_errors.items())]
+    return rows
+
+
+def _recorded_failures(record: dict[str, Any]) -> int:
+    """Failure rows a done-record counts: failed samples (``partial`` ones by their failed experts)."""
+    counts = found if isinstance(found := record.get("status_counts"), dict) else {}
+    whole = sum(_int(n) for state, n in counts.items() if state not in ("ok", "partial"))
+    experts = listed if isinstance(listed := record.get("experts"), dict) else {}
+    return whole + sum(_int(info.get("failed")) for info in experts.values() if isinstance(info, dict))
+
+
+def _sample_failures(store: OutputStore, shard_id: str) -> Iterator[Failure]:
+    try:
+        with store.fs.open(store.records_path(shard_id), "rb") as handle:
+            table = pq.read_table(handle, columns=["key", "status", "error", "expert_status"])
+    except (OSError, pa.ArrowException) as exc:
+        yield Failure(shard_id, None, None, "records_unreadable", f"{type(exc).__name__}: {exc}")
+        return
+    for row in table.to_pylist():
+        if row["status"] == "ok":
+            continue
+        if row["status"] != "partial":
+            yield Failure(shard_id, row["key"], None, row["status"], row["error"] or row["status"])
+            continue
+        for task, outcome in sorted(_expert_outcomes(row["expert_status"]).items()):
+            if outcome != "ok":
+                # the records keep each expert's status only; its message is in the sample's json
+                reason = f"{task} failed (its error is in {row['key']}.json of shards/{shard_id}.tar)"
+                yield Failure(shard_id, row["key"], task, outcome, reason)
+
+
+def _expert_outcomes(text: str | None) -> dict[str, str]:
+    try:
+        outcomes = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return outcomes if isinstance(outcomes, dict) else {}
+
+
+def format_failures(listing: FailureList) -> str:
+    lines = [f"{'shard':<12}{'key':<24}{'expert':<16}{'status':<18}reason"]
+    for f in listing.failures:
+        lines.append(f"{f.shard:<12}{f.key or '-':<24}{f.expert or '-':<16}{f.status:<18}{f.reason}")
+    shown = len(listing.failures)
+    if shown < listing.total:
+        lines.append(f"{listing.total} failures, {shown} shown (--limit 0 shows all)")
+    else:
+        lines.append(f"{listing.total} failures")
     return "\n".join(lines)

@@ -76,10 +76,12 @@ def write_run_tables(
 
 
 def _text_features(request: Any, device: str) -> Any:
+    from expert_zoo.base import validate_options
     from expert_zoo.text_features import ClipPcaWordFeatures, TextFeatures
     from expert_zoo.torch_utils import resolve_device
 
-    options = ClipPcaWordFeatures.check_options(request.options, request.options_where)
+    expert = ClipPcaWordFeatures
+    options = validate_options(expert.Options, request.options, request.options_where, owner=expert.spec.name)
     return TextFeatures.from_options(options, resolve_device(device), ClipPcaWordFeatures.spec.name)
 
 
@@ -91,10 +93,9 @@ def updated_tables(
     In the same PCA space, a table is kept when it is Prismer's (what the released checkpoints saw) or was
     made by the same encoder for the same texts. A new PCA invalidates every table.
     """
-    same_space = existing is not None and existing.pca_digest == features.pca.digest
     keep: dict[str, np.ndarray] = {}
     entries: dict[str, Any] = {}
-    if same_space:
+    if existing is not None and existing.pca_digest == features.pca.digest:  # the same PCA space
         for name, array in existing.arrays.items():
             entry = existing.index["tables"][name]
             current = entry.get("source") == "prismer" or (

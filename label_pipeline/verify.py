@@ -195,7 +195,7 @@ def _verify_sample(shard_id: str, key: str, members: dict[str, bytes], record: d
         return [f"{where}: json member is not a sample's metadata object"]
     problems = []
     size = tuple(meta.get("size") or ())
-    recorded = record.get("experts") if isinstance(record.get("experts"), dict) else {}
+    recorded = found if isinstance(found := record.get("experts"), dict) else {}
     for task, info in meta.get("experts", {}).items():
         if not isinstance(info, dict) or info.get("status") != "ok":
             continue
@@ -203,7 +203,7 @@ def _verify_sample(shard_id: str, key: str, members: dict[str, bytes], record: d
             problems.extend(_verify_array(where, task, members))
         else:
             problems.extend(_verify_label(where, task, members.get(f"{task}.png"), size))
-        expected = recorded.get(task, {}).get("fingerprint") if isinstance(recorded.get(task), dict) else None
+        expected = entry.get("fingerprint") if isinstance(entry := recorded.get(task), dict) else None
         if task in recorded and info.get("fingerprint") != expected:
             problems.append(f"{where}: {task} fingerprint differs from the shard record")
     if meta.get("status") in ("ok", "partial") and not any(ext in members for ext in IMAGE_EXTENSIONS):

@@ -70,6 +70,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, help="leave after N steps (the schedule still spans all)")
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.add_argument("--device", help="e.g. cpu, cuda:0 (default: this rank's GPU, else CPU)")
+    train.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="also log loss, lr and samples/s as TensorBoard event files in DIR (pip install tensorboard)",
+    )
     train.add_argument("--precision", choices=PRECISIONS)
     train.add_argument("--parallel", choices=PARALLEL, help="ddp | fsdp (SHARD_GRAD_OP) under torchrun")
     for name, kind in _OVERRIDES.items():
@@ -125,6 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         threads=args.threads,
         device=args.device,
+        tensorboard=args.tensorboard,
     )
     result = train(config, options)
     if result.losses:
@@ -141,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from prismer_trainer.checkpoint import STATE_FILE, latest_checkpoint
-    from prismer_trainer.evaluate import EvalOptions, evaluate
+    from prismer_trainer.evaluate import EvalOptions, evaluate, format_metrics
 
     checkpoint = args.checkpoint
     if not (checkpoint / STATE_FILE).exists():
@@ -165,8 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
             device=args.device,
         )
     )
-    metric = "CIDEr" if result["task"] == "caption" else "accuracy"
-    print(f"{metric} {result[metric]} over {result['samples']} samples ({args.split})")
+    print(format_metrics(result))
     return 0
 
 
@@ -176,8 +181,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     setup_console(debug=args.debug, quiet=not main_rank, fmt=LOG_FORMAT, stream=sys.stdout)
     from prismer_trainer.pretrained import PretrainedUnavailable
     from prismer_trainer.text import TokenizerUnavailable
+    from prismer_trainer.train import TensorBoardUnavailable
 
-    usage_errors = (TokenizerUnavailable, PretrainedUnavailable, FileNotFoundError, ValueError)
+    usage_errors = (
+        TokenizerUnavailable,
+        PretrainedUnavailable,
+        TensorBoardUnavailable,
+        FileNotFoundError,
+        ValueError,
+    )
     command = run_train if args.command == "train" else run_eval
     return run_command(lambda: command(args), usage_errors, "checkpoints are kept; rerun to resume")
 

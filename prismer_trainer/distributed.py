@@ -101,11 +101,13 @@ def fsdp_units(model: PrismerModel) -> list[torch.nn.Module]:
 
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce on all but the last micro-batch (DDP ``no_sync``; FSDP2 flag)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+    set_sync = getattr(model, "set_requires_gradient_sync", None)
+    if set_sync is not None:
+        set_sync(enabled)
         return contextlib.nullcontext()
-    if not enabled and hasattr(model, "no_sync"):
-        return model.no_sync()
+    no_sync = getattr(model, "no_sync", None)
+    if not enabled and no_sync is not None:
+        return no_sync()
     return contextlib.nullcontext()
 
 

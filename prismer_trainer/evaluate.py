@@ -241,8 +241,20 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     config = TrainConfig.from_dict(meta["train_config"])
     dataset = options.dataset or meta["dataset"]
     labels = options.labels_root or meta.get("labels_root")
+    shards = dataset_shards(dataset, labels)
+    overlap = training_overlap(shards, meta)
+    if overlap:
+        logger.warning(
+            "split %r overlaps the training data: %d of its %d shards are shards this checkpoint was "
+            "trained on (dataset %s), so the scores measure memorisation, not generalisation; evaluate "
+            "on labels of held-out images (--dataset / --labels-root)",
+            options.split,
+            overlap,
+            len(shards),
+            meta.get("dataset"),
+        )
     data = RunData(
-        dataset_shards(dataset, labels),
+        shards,
         tuple(model.config.experts),
         tokenizer,
         embeddings,
@@ -261,11 +273,55 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         result = _evaluate_vqa(model, batches, tokenizer, answer_list, config, device, options.max_samples)
     else:
         result = _evaluate_captions(model, batches, tokenizer, config, device, options.max_samples)
-    result.update(checkpoint=str(options.checkpoint), split=options.split, dataset=dataset)
+    result.update(
+        checkpoint=str(options.checkpoint),
+        split=options.split,
+        dataset=dataset,
+        training_overlap_shards=overlap,
+    )
     out = options.out or options.checkpoint / f"eval_{options.split}.json"
     Path(out).write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    logger.info("%s", {k: v for k, v in result.items() if k != "predictions"})
+    logger.info("predictions and metrics written to %s", out)
     return result
+
+
+def training_overlap(shards: Sequence[str], meta: Mapping[str, Any]) -> int:
+    """How many of ``shards`` the checkpoint was trained on (its dataset's shards, as they are now).
+
+    The trainer reads every sample of its dataset's shards, so any shared shard means the split holds
+    training images (a key-filtered split of the training dataset included). 0 when the training
+    shards can no longer be listed.
+    """
+    try:
+        trained = dataset_shards(meta["dataset"], meta.get("labels_root"))
+    except (KeyError, FileNotFoundError, OSError, ValueError):
+        return 0
+    seen = {_same_file_key(url) for url in trained}
+    return sum(_same_file_key(url) in seen for url in shards)
+
+
+def _same_file_key(url: str) -> str:
+    return url if "://" in url else os.path.realpath(url)
+
+
+def format_metrics(result: Mapping[str, Any]) -> str:
+    """The metrics of an ``evaluate`` result as a table, under one line naming what was scored (and a
+    warning when the split holds training images)."""
+    metric = "CIDEr" if result["task"] == "caption" else "accuracy"
+    score = result.get(metric)
+    rows = [("metric", "value"), (metric, "n/a (no ground truth)" if score is None else f"{score:.2f}")]
+    rows.append(("samples", str(result.get("samples"))))
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"{result.get('checkpoint')} on {result.get('dataset')} (split {result.get('split')})",
+        *(f"{name:<{width}}  {value}" for name, value in rows),
+    ]
+    if result.get("training_overlap_shards"):
+        lines.append(
+            f"WARNING: {result['training_overlap_shards']} shard(s) of this split were used for training: "
+            "this is not a held-out score"
+        )
+    return "\n".join(lines)
 
 
 def _evaluate_captions(

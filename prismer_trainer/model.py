@@ -22,9 +22,9 @@ import math
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -171,7 +171,8 @@ class AdaptedClipBlock(nn.ModuleList):
         super().__init__([ClipBlock(width, heads), Adaptor(width)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block, adaptor = self[0], self[1]
+        # torch types container items (and buffers) as plain Modules: the casts name what they hold.
+        block, adaptor = cast(ClipBlock, self[0]), self[1]
         x = x + block.attn(block.ln_1(x))
         x = adaptor(x)
         return x + block.mlp(block.ln_2(x))
@@ -329,7 +330,8 @@ class ExpertEncoder(nn.Module):
 
     def _tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """Stem output ``[b, d, h, w]`` -> tokens ``[b, h*w, d]`` + the shared (resized) pos. embedding."""
-        pos = resize_positional_embedding(self.positional_embedding, grid.shape[-2:]).to(grid.dtype)
+        pos = resize_positional_embedding(self.positional_embedding, (grid.shape[-2], grid.shape[-1]))
+        pos = pos.to(grid.dtype)
         return grid.flatten(2).transpose(1, 2) + pos
 
     def _expert_tokens(
@@ -500,7 +502,7 @@ class DecoderLayer(nn.ModuleList):
         )
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor, vision: Context) -> torch.Tensor:
-        layer, cross_attention, adaptor = self[0], self[1], self[2]
+        layer, cross_attention, adaptor = cast(TextLayer, self[0]), self[1], self[2]
         x = layer.attention(x, allowed)
         x = cross_attention(x, context=vision)
         x = adaptor(x)
@@ -591,7 +593,8 @@ class TextDecoder(nn.Module):
 
     def cross_keys_values(self, vision: torch.Tensor) -> list[KeyValue]:
         """Per-layer cross-attention keys/values of the vision tokens, to reuse across generation steps."""
-        return [layer[1].self.keys_values(vision) for layer in self.roberta.encoder.layer]
+        layers = cast(Iterable[DecoderLayer], self.roberta.encoder.layer)
+        return [cast(TextAttention, layer[1]).self.keys_values(vision) for layer in layers]
 
     def forward(
         self,
@@ -610,7 +613,7 @@ class TextDecoder(nn.Module):
         return hidden, self.lm_head(hidden[:, -1:] if last_only else hidden)
 
 
-def _run(module: nn.Module, use_checkpoint: bool, *args: torch.Tensor) -> torch.Tensor:
+def _run(module: nn.Module, use_checkpoint: bool, *args: torch.Tensor | KeyValue | None) -> torch.Tensor:
     if use_checkpoint and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
@@ -665,7 +668,7 @@ class PrismerModel(nn.Module):
             param.requires_grad_(not is_frozen_parameter(name, mode))
         self.freeze_mode = mode
 
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> PrismerModel:
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> PrismerModel:
         """As nn.Module.to_empty (e.g. after building on ``meta``), keeping the LM head tied."""
         super().to_empty(device=device, recurse=recurse)
         self.text_decoder.tie_weights()
@@ -675,9 +678,11 @@ class PrismerModel(nn.Module):
         """The frozen pretrained blocks (e.g. FSDP ``ignored_modules``)."""
         mode, modules = self.freeze_mode, []
         if mode in ("freeze_vision", "freeze_lang_vision"):
-            modules += [block[0] for block in self.expert_encoder.transformer.resblocks]
+            blocks = cast(Iterable[AdaptedClipBlock], self.expert_encoder.transformer.resblocks)
+            modules += [block[0] for block in blocks]
         if mode in ("freeze_lang", "freeze_lang_vision"):
-            modules += [layer[0] for layer in self.text_decoder.roberta.encoder.layer]
+            layers = cast(Iterable[DecoderLayer], self.text_decoder.roberta.encoder.layer)
+            modules += [layer[0] for layer in layers]
         return modules
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -798,5 +803,5 @@ def adapt_state_dict(state_dict: Mapping[str, torch.Tensor], model: PrismerModel
     for alias, canonical in ALIASES.items():
         if alias not in sd and canonical in sd:
             sd[alias] = sd[canonical]
-    sd.setdefault(_POSITION_IDS, model.text_decoder.roberta.embeddings.position_ids)
+    sd.setdefault(_POSITION_IDS, cast(torch.Tensor, model.text_decoder.roberta.embeddings.position_ids))
     return sd

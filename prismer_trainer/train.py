@@ -52,6 +52,7 @@ from prismer_trainer.stream import make_loader
 from prismer_trainer.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
+LOG_INTERVAL_S = 60.0  # a progress line at least this often, however slow the steps
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainOptions:
     stop_after: int | None = None  # leave after this many optimizer steps (the schedule still spans all)
     threads: int | None = None
     device: str | None = None
+    tensorboard: str | None = None  # also log the metrics to TensorBoard event files in this directory
 
 
 @dataclass
@@ -90,6 +92,8 @@ def train(config: TrainConfig, options: TrainOptions) -> TrainResult:
     if options.threads:
         torch.set_num_threads(options.threads)
     run_dir = Path(options.out_dir)
+    if options.tensorboard:
+        summary_writer_class()  # fail before any data or model is loaded when tensorboard is missing
     resume_from = latest_checkpoint(run_dir) if options.resume else None
     if resume_from:
         logger.info("resuming from %s", resume_from)
@@ -130,7 +134,11 @@ def train(config: TrainConfig, options: TrainOptions) -> TrainResult:
     if not state.restore_rng():
         torch.manual_seed(config.seed + world.rank)
 
-    result = run_steps(state, batches, total_steps, options.stop_after, run_dir, autocast_dtype)
+    metrics = MetricsLog(run_dir, options.tensorboard if world.main else None, main=world.main)
+    try:
+        result = run_steps(state, batches, total_steps, options.stop_after, run_dir, autocast_dtype, metrics)
+    finally:
+        metrics.close()
     # A look at what it learned. (Under FSDP the parameters are sharded: one rank cannot generate alone;
     # use `eval` on the checkpoint.)
     sharded = world.enabled and config.parallel == "fsdp"
@@ -149,10 +157,12 @@ def run_steps(
     stop_after: int | None,
     run_dir: Path,
     autocast_dtype: torch.dtype | None,
+    metrics: MetricsLog | None = None,
 ) -> TrainResult:
-    """Optimizer steps until ``total_steps`` (or ``stop_after`` more): log every ``log_every``, checkpoint
-    every ``checkpoint_every`` and at the end."""
+    """Optimizer steps until ``total_steps`` (or ``stop_after`` more): log every ``log_every`` steps (and
+    at least every ``LOG_INTERVAL_S``), checkpoint every ``checkpoint_every`` and at the end."""
     config, progress, world = state.config, state.progress, state.world
+    metrics = metrics or MetricsLog(run_dir, None, main=world.main)
     accumulation = config.accumulation(world.world_size)
     device = state.device
     result = TrainResult()
@@ -170,8 +180,9 @@ def run_steps(
         loss = world.mean(loss, device)
         result.losses[progress.step] = loss
         window.append(loss)
-        if progress.step % config.log_every == 0 or progress.step == stop_at:
-            log_progress(state, total_steps, window, started, run_dir)
+        overdue = time.perf_counter() - started >= LOG_INTERVAL_S  # slow steps still show progress
+        if progress.step % config.log_every == 0 or progress.step == stop_at or overdue:
+            log_progress(state, (total_steps, stop_at), window, started, metrics)
             window, started = [], time.perf_counter()
         if progress.step % config.checkpoint_every == 0 or progress.step == stop_at:
             result.last_checkpoint = state.save(run_dir)
@@ -330,27 +341,89 @@ def _log_setup(state: TrainState, total_steps: int, device: torch.device) -> Non
 
 
 def log_progress(
-    state: TrainState, total_steps: int, window: list[float], started: float, run_dir: Path
+    state: TrainState,
+    steps: tuple[int, int],
+    window: list[float],
+    started: float,
+    metrics: MetricsLog,
 ) -> None:
-    """One log line and one ``metrics.jsonl`` record (main rank) for the steps in ``window``."""
+    """One log line and one metrics record (main rank) for the steps in ``window``: loss, lr, steps/s,
+    samples/s and the ETA (to ``steps = (total, stop_at)``'s ``stop_at``, at the window's pace)."""
     if not state.world.main:
         return
+    total_steps, stop_at = steps
     elapsed = time.perf_counter() - started
+    steps_per_s = len(window) / elapsed if elapsed > 0 else None
     record = {
         "step": state.progress.step,
         "loss": sum(window) / len(window),
         "lr": state.scheduler.get_last_lr()[0],
-        "steps_per_s": len(window) / elapsed if elapsed > 0 else None,
+        "steps_per_s": steps_per_s,
+        "samples_per_s": steps_per_s * state.config.batch_size if steps_per_s else None,
         "samples": state.progress.samples,
+        "eta_s": (stop_at - state.progress.step) / steps_per_s if steps_per_s else None,
     }
+    until = "" if stop_at == total_steps else f" (stopping at step {stop_at})"
     logger.info(
-        "step %d/%d  loss %.4f  lr %.3g  %.2f steps/s",
+        "step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  %.1f samples/s  ETA %s%s",
         record["step"],
         total_steps,
         record["loss"],
         record["lr"],
-        record["steps_per_s"] or 0.0,
+        steps_per_s or 0.0,
+        record["samples_per_s"] or 0.0,
+        format_duration(record["eta_s"]),
+        until,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    metrics.write(record)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``42s``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class TensorBoardUnavailable(RuntimeError):
+    """``--tensorboard`` was asked for but the ``tensorboard`` package is not installed."""
+
+
+def summary_writer_class() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``, or a one-line error saying what to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise TensorBoardUnavailable(
+            f"--tensorboard needs the tensorboard package, which is not installed ({exc}); "
+            "install it with `pip install tensorboard`, or leave out --tensorboard"
+        ) from None
+    return SummaryWriter
+
+
+class MetricsLog:
+    """Where the main rank's training metrics go: ``run_dir/metrics.jsonl`` (always) and TensorBoard
+    event files in ``tensorboard`` (``train/loss``, ``train/lr``, ``train/samples_per_s``)."""
+
+    def __init__(self, run_dir: Path, tensorboard: str | None, main: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.main = main
+        self.writer = summary_writer_class()(log_dir=tensorboard) if tensorboard and main else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name in ("loss", "lr", "samples_per_s"):
+                if record.get(name) is not None:
+                    self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

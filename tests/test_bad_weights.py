@@ -145,10 +145,10 @@ def test_run_with_damaged_weights_is_one_line_and_exit_2(
     assert not list(out.rglob("*.tar"))
 
 
-def _hub_cache_with(cache: Path, repo_id: str, filename: str, data: bytes) -> Path:
-    """A huggingface_hub cache holding one file of ``repo_id`` (blob + snapshot link + ref), as a download
-    leaves it; returns the repo folder."""
-    repo = cache / "hf" / f"models--{repo_id.replace('/', '--')}"
+def _hub_cache_with(hub: Path, repo_id: str, filename: str, data: bytes) -> Path:
+    """A huggingface_hub cache at ``hub`` holding one file of ``repo_id`` (blob + snapshot link + ref), as
+    a download leaves it; returns the repo folder."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
     commit = "c" * 40
     blob = repo / "blobs" / "deadbeef"
     blob.parent.mkdir(parents=True)
@@ -161,12 +161,15 @@ def _hub_cache_with(cache: Path, repo_id: str, filename: str, data: bytes) -> Pa
     return repo
 
 
+@pytest.mark.parametrize("cache", ["hf_hub_cache", "private_cache_of_earlier_versions"])
 def test_corrupt_cached_download_says_what_to_delete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, cache: str
 ) -> None:
-    """A damaged file in the download cache: delete the repo folder (the hub reuses its blobs), refetch."""
+    """A damaged file in a download cache: delete the repo folder (the hub reuses its blobs), refetch."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("LABEL_PIPELINE_CACHE", str(tmp_path / "cache"))
-    repo = _hub_cache_with(tmp_path / "cache", "shikunl/prismer", "expert_weights/10_model.pth", b"junk")
+    hub = tmp_path / "hub" if cache == "hf_hub_cache" else tmp_path / "cache" / "hf"
+    repo = _hub_cache_with(hub, "shikunl/prismer", "expert_weights/10_model.pth", b"junk")
     with caplog.at_level(logging.ERROR):
         assert main(["weights", "--experts", "edge:dexined"]) == 2
     message = caplog.records[0].getMessage()
@@ -178,20 +181,23 @@ def test_weights_offline_says_how_to_get_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Offline with an empty cache, ``make weights`` would fail the same way: name the switch and the path,
-    and still try every expert."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("LABEL_PIPELINE_CACHE", str(cache))
+    and report every expert in one message with one command."""
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("LABEL_PIPELINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with caplog.at_level(logging.ERROR):
         assert main(["weights", "--experts", "edge:dexined,normal:nll_angmf"]) == 2
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(messages) == 3 and "2 of 2" in messages[2]
-    edge = messages[0]
-    assert "unset HF_HUB_OFFLINE" in edge and "HF_HUB_OFFLINE=1" in edge
-    repo = cache / "hf" / "models--shikunl--prismer"
+    assert len(messages) == 2 and "2 of 2" in messages[1]
+    missing = messages[0]
+    assert "unset HF_HUB_OFFLINE" in missing and "HF_HUB_OFFLINE=1" in missing
+    assert missing.count("make weights") == 1
+    assert "make weights EXPERTS=edge:dexined,normal:nll_angmf" in missing
+    repo = hub / "models--shikunl--prismer"
     target = repo / "snapshots" / "local" / "expert_weights" / "10_model.pth"
-    assert f"copy the file to {target} and write 'local' into {repo / 'refs' / 'main'}" in edge
-    assert "scannet.pt" in messages[1]
+    assert f"copy the file to {target} and write 'local' into {repo / 'refs' / 'main'}" in missing
+    assert "scannet.pt" in missing
     # Following the advice works: the copied file is found offline.
     target.parent.mkdir(parents=True)
     target.write_bytes(b"weights")

@@ -159,11 +159,13 @@ def test_scheme_b_through_expert_matches_reference(expert_b):
     assert_close_to_reference(depth.numpy(), reference, TOLERANCE["B"], "B inverse depth")
     # The label from our forward vs the label from the reference forward, both at 480²: float32 noise
     # (summation order in transformers' kernels vs timm's) only tips values across an integer boundary,
-    # so one grey level at a few pixels. Measured: 675 of 230,400 pixels (0.29 %) differ, all by 1.
+    # so one grey level at a few pixels. Measured, all by 1: 675 of 230,400 pixels (0.29 %) with 2 torch
+    # threads, 1,333 (0.58 %) with 1 thread or with vector ISAs limited to SSE4 (the order of the
+    # float32 sums changes with both); the bound is 1.5x the larger.
     ours = depth_to_label(depth[0], (480, 480))
     theirs = prismer_label(reference[0], (480, 480))
     diff = np.abs(ours.astype(int) - theirs)
-    assert diff.max() <= 1 and (diff > 0).mean() <= 0.005, ((diff > 0).sum(), diff.max())
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.009, ((diff > 0).sum(), diff.max())
 
 
 # -- (c) label post-processing ------------------------------------------------------------------

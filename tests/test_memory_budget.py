@@ -29,13 +29,15 @@ from label_pipeline.core.decode import DecodedImage
 from label_pipeline.labeler import Labeler, WorkItem, chunked
 from label_pipeline.shard_job import _labelled_members, read_ahead
 
-# Runs the CLI in a fresh interpreter and reports that process's own peak RSS (ru_maxrss is KiB on
-# Linux): measuring in the child keeps other subprocesses of the test session out of the number.
+# Runs the CLI in a fresh interpreter and reports that process's own peak RSS. VmHWM, not ru_maxrss:
+# ru_maxrss survives exec, so a child forked from a large pytest process would report the parent's
+# size; VmHWM belongs to the address space the child's exec created.
 MEASURE = """
-import json, resource, sys
+import json, sys
 from label_pipeline.cli import main
 code = main(["run", sys.argv[1], "--no-progress"])
-print(json.dumps({"code": code, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+print(json.dumps({"code": code, "peak_kib": int(status[0])}))
 """
 IMAGES = 10  # 10 × 180 MB of pixels: far over 2 GB when all are held, as chunking by count did
 

@@ -554,6 +554,7 @@ def test_pretrained_mapping_rejects_mismatched_configs(tiny_hf_checkpoints):
 def test_load_pretrained_offline_names_the_model_and_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LABEL_PIPELINE_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # and an empty Hugging Face cache
     model = PrismerModel(ModelConfig.preset("tiny"))
     with pytest.raises(PretrainedUnavailable, match="vision=") as info:
         load_pretrained(model, vision="openai/clip-vit-base-patch16", language=False)

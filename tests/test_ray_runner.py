@@ -197,7 +197,7 @@ def test_gpu_pinning_cpu_fallback_and_oom_halving_give_identical_bytes(cluster, 
     cpu_expert = stats["experts"]["obj_detection"]["replicas"][0]
     assert cpu_expert["gpu_ids"] == [] and cpu_expert["cuda_visible_devices"] == ""
     assert stats["experts"]["depth"]["oom_splits"] >= 1 and stats["samples"] == 10
-    assert stats["status"] == "completed" and stats["shards"]["labelled"] == 2
+    assert stats["status"] == "completed" and stats["shards"]["done"] == 2
     assert sum(stats["experts"]["edge"]["compute_latency_hist"]) == stats["experts"]["edge"]["batches"]
 
     capsys.readouterr()

@@ -20,8 +20,8 @@ from builders import gradient, image_bytes, photo_samples, write_manifest, write
 from PIL import Image
 
 from label_pipeline.cli import main
-from label_pipeline.core.tario import write_tar
 from label_pipeline.contact_sheet import PLACEHOLDER_GREY, TILE
+from label_pipeline.core.tario import write_tar
 from label_pipeline.output import OutputStore
 
 

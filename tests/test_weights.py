@@ -26,11 +26,15 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 @pytest.fixture(autouse=True)
-def _online_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def _online_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # conftest sets HF_HUB_OFFLINE=1; the HTTP tests only talk to 127.0.0.1 and opt in to "online" here.
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("LABEL_PIPELINE_OFFLINE", raising=False)
     monkeypatch.delenv("LABEL_PIPELINE_CACHE", raising=False)
+    # The hub tests below lay out the private cache of earlier versions (``cache_dir/hf``); an empty
+    # standard hub cache keeps whatever this machine holds out of them (tests/test_weights_cache.py
+    # covers the standard one).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_hub_cache"))
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from tiny_experts import tiny_edge, tiny_expert_entries
 
 from expert_zoo.instance_map import depth_ordered_instance_map
 from label_pipeline.cli import main
+from label_pipeline.contact_sheet import TILE
 from label_pipeline.core.decode import decode_image
 from label_pipeline.core.format import decode_png
-from label_pipeline.contact_sheet import TILE
 
 pytest.importorskip("transformers")
 
@@ -200,6 +200,7 @@ def test_unavailable_weights_stop_the_run_at_start_up(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LABEL_PIPELINE_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf_hub_cache"))
     write_wds(tmp_path / "in" / "00000.tar", [{"jpg": image_bytes(_picture(30, 40, 0))}])
     out = tmp_path / "out"
     experts = [tiny_edge(tmp_path), name]  # a default-weights expert after one that loads fine

@@ -152,7 +152,7 @@ def se_channels(in_chs: int, se_ratio: float) -> int:
 
 
 def build_stage(stage: StageSpec, in_chs: int, se_ratio: float) -> nn.Sequential:
-    blocks = []
+    blocks: list[nn.Module] = []
     for index in range(stage.repeats):
         stride = stage.stride if index == 0 else 1
         block_in = in_chs if index == 0 else stage.out_chs

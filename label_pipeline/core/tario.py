@@ -11,7 +11,7 @@ import io
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 Member = tuple[str, bytes]
 
@@ -44,7 +44,7 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(target: BinaryIO, samples: Iterable[Iterable[Member]]) -> None:
+def write_tar(target: IO[bytes] | HashingWriter, samples: Iterable[Iterable[Member]]) -> None:
     """Write samples (each a list of ``(member name, bytes)``) in order; members sorted per sample."""
     with tarfile.open(fileobj=target, mode="w|", format=tarfile.GNU_FORMAT) as tar:
         for members in samples:
@@ -85,7 +85,7 @@ class TarSample:
 
 
 def read_tar_entries(
-    source: BinaryIO, errors: list[str] | None = None, names_only: bool = False
+    source: BinaryIO | HashingReader, errors: list[str] | None = None, names_only: bool = False
 ) -> Iterator[TarSample]:
     """Every sample of a tar, in order, each member accounted for exactly once.
 
@@ -102,13 +102,14 @@ def read_tar_entries(
     ``names_only``: members are listed with empty bytes and no member data is read; a seekable source
     is read header to header (the trainer replays shards this way to resume its data stream).
     """
-    hashing: HashingReader | None = None  # None: seeking header to header
-    if not (names_only and _seekable(source)):
-        hashing = source if isinstance(source, HashingReader) else HashingReader(source)
+    # A HashingReader streams; a plain seekable source listed by names is read header to header.
+    stream: BinaryIO | HashingReader = source
+    if not isinstance(source, HashingReader) and not (names_only and _seekable(source)):
+        stream = HashingReader(source)
     group: TarSample | None = None
     try:
-        mode = "r:*" if hashing is None else "r|*"
-        with tarfile.open(fileobj=hashing or source, mode=mode) as tar:  # type: ignore[call-overload]
+        mode = "r|*" if isinstance(stream, HashingReader) else "r:*"
+        with tarfile.open(fileobj=stream, mode=mode) as tar:  # type: ignore[call-overload]
             for info in tar:
                 key, ext = split_member_name(info.name)
                 if not info.isfile():
@@ -124,7 +125,7 @@ def read_tar_entries(
                 handle = None if names_only else tar.extractfile(info)
                 group.members[ext] = handle.read() if handle else b""
             end_of_members = tar.offset
-        size = source.seek(0, io.SEEK_END) if hashing is None else _drained_size(hashing)
+        size = _drained_size(stream) if isinstance(stream, HashingReader) else stream.seek(0, io.SEEK_END)
         if size < end_of_members + 2 * tarfile.BLOCKSIZE:
             raise tarfile.ReadError(f"truncated tar: ends at byte {size} without end-of-archive blocks")
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -136,7 +137,7 @@ def read_tar_entries(
 
 
 def read_tar_samples(
-    source: BinaryIO, errors: list[str] | None = None, names_only: bool = False
+    source: BinaryIO | HashingReader, errors: list[str] | None = None, names_only: bool = False
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {suffix: bytes})`` per sample of regular files (see ``read_tar_entries``).
 
@@ -166,7 +167,7 @@ def describe_member_type(info: tarfile.TarInfo) -> str:
     return f"a member of tar type {info.type!r}"
 
 
-def _seekable(source: BinaryIO) -> bool:
+def _seekable(source: object) -> bool:
     seekable = getattr(source, "seekable", None)
     return bool(seekable and seekable())
 

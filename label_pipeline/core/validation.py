@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 
 from label_pipeline.core.errors import ConfigError
@@ -85,7 +85,7 @@ def check_type(value: Any, hint: Any, where: str) -> None:
         raise ConfigError(error)
 
 
-def did_you_mean(word: str, choices: Sequence[str]) -> str:
+def did_you_mean(word: str, choices: Collection[str]) -> str:
     """``"; did you mean 'low'?"`` for a near miss among ``choices``, else an empty string.
 
     A near miss is a close spelling (difflib) or, failing that, the one choice ``word`` begins

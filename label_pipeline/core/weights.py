@@ -7,9 +7,16 @@ Accepted sources:
 * a local file or directory path, or a ``file://`` URL — returned as is.
 * an ``http(s)://`` URL — downloaded once into the cache, atomically.
 
-Everything downloaded lives under the cache dir (argument, else ``$LABEL_PIPELINE_CACHE``, else
-``~/.cache/label_pipeline``): hub files in ``hf/`` (the hub's own cache layout), URLs in ``url/``.
-With ``HF_HUB_OFFLINE=1`` or ``LABEL_PIPELINE_OFFLINE=1`` nothing touches the network: only the cache is used.
+Hub files live in the standard Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+``~/.cache/huggingface/hub``), in the hub's own layout, so files fetched with ``hf download`` /
+``huggingface-cli download``, transformers or any other Hugging Face tool are found, and the other way
+round. A file already in that cache is used without asking the Hub. Files that earlier versions put
+in the private cache (``$LABEL_PIPELINE_CACHE/hf``) are still found there. URL downloads go to
+``url/`` under the cache dir (argument, else ``$LABEL_PIPELINE_CACHE``, else ``~/.cache/label_pipeline``).
+With ``HF_HUB_OFFLINE=1`` or ``LABEL_PIPELINE_OFFLINE=1`` nothing touches the network: only the caches.
+
+:func:`fetch_weights` resolves every source of a run before any expert loads, so all that is missing is
+reported at once (:class:`MissingWeights`), with one command that fetches it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import shutil
 import tempfile
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,19 +50,22 @@ class WeightsUnavailable(ExpertUnavailable):
     """An expert's weights cannot be found or fetched; the message says how to get them.
 
     ``hint`` replaces the default advice (``make weights``), e.g. offline, where that would fail the same way.
+    ``target`` says where a file copied by hand must go for this source to be found (offline misses).
     """
 
-    def __init__(self, expert: str, source: str, reason: str, hint: str | None = None) -> None:
+    def __init__(
+        self, expert: str, source: str, reason: str, hint: str | None = None, target: str | None = None
+    ) -> None:
         if hint is None:
             hint = f"fetch them with: make weights EXPERTS={expert}"
             if source.startswith(HF_PREFIX):
                 hint += f"; or {_MANUAL_HINT}"
         super().__init__(f"weights for expert {expert!r} unavailable from {source!r}: {reason}; {hint}")
-        self.expert, self.source, self.reason, self.hint = expert, source, reason, hint
+        self.expert, self.source, self.reason, self.hint, self.target = expert, source, reason, hint, target
 
-    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str, str | None]]:
         # Rebuilt from its fields when it crosses a process boundary (a Ray actor that failed to load).
-        return (type(self), (self.expert, self.source, self.reason, self.hint))
+        return (type(self), (self.expert, self.source, self.reason, self.hint, self.target))
 
 
 class WeightsUnreadable(ExpertUnavailable):
@@ -133,8 +144,8 @@ def _state_dict_mismatch(text: str) -> str:
 def _repair_hint(expert: str, path: Path) -> str:
     """What to do about an unreadable file: refetch it when it is a cached download, else replace it."""
     resolved = path.resolve()
-    root = cache_root().resolve()
-    if not resolved.is_relative_to(root):
+    roots = (cache_root().resolve(), hub_cache_dir().resolve())
+    if not any(resolved.is_relative_to(root) for root in roots):
         return "replace it, or point the expert's `weights` option at a good file"
     # The hub cache keeps blobs under the repo folder and reuses them; only removing that folder refetches.
     repo = next((p for p in resolved.parents if p.name.startswith("models--")), None)
@@ -191,10 +202,28 @@ def weights_digest(path: Path) -> str:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The download cache: argument, else ``$LABEL_PIPELINE_CACHE``, else ``~/.cache/label_pipeline``."""
+    """The cache of URL downloads (``url/``; ``hf/`` holds hub files of earlier versions): argument, else
+    ``$LABEL_PIPELINE_CACHE``, else ``~/.cache/label_pipeline``."""
     if cache_dir is None:
         cache_dir = os.environ.get("LABEL_PIPELINE_CACHE") or Path.home() / ".cache" / "label_pipeline"
     return Path(cache_dir).expanduser()
+
+
+def hub_cache_dir() -> Path:
+    """The standard Hugging Face hub cache, as huggingface_hub finds it: ``$HF_HUB_CACHE`` (or the older
+    ``$HUGGINGFACE_HUB_CACHE``), else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+    ``~/.cache/huggingface/hub``.
+
+    Read at call time: huggingface_hub reads these variables once, at import, so a process (or a test)
+    that sets them later would otherwise still use the old place.
+    """
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = os.environ.get("HF_HOME")
+    if not home:
+        home = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
 def offline_switches() -> list[str]:
@@ -216,7 +245,7 @@ def _offline_failure(expert: str, source: str, copy_to: str) -> WeightsUnavailab
         f"unset {' and '.join(switches)} and run `make weights EXPERTS={expert}`, "
         f"or copy {copy_to}, or {_MANUAL_HINT}"
     )
-    return WeightsUnavailable(expert, source, reason, hint=hint)
+    return WeightsUnavailable(expert, source, reason, hint=hint, target=copy_to)
 
 
 def resolve_weights(
@@ -266,36 +295,86 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str | None]:
 
 
 def _resolve_hf(source: str, expert: str, root: Path) -> Path:
-    # Imported here so that local-path users never pay for (or need) huggingface_hub.
-    import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-
+    """A hub file (or snapshot directory): from the standard hub cache, else from the private cache of
+    earlier versions (``root/hf``), else (online) downloaded into the standard hub cache."""
     try:
         repo_id, filename, revision = parse_hf_source(source)
     except ValueError as exc:
         raise WeightsUnavailable(expert, source, str(exc)) from exc
-    offline = is_offline()
+    hub = hub_cache_dir()
+    # A file already on disk is used as is: no request per expert replica, and it works offline.
+    # Online, a snapshot that lacks its model files is completed; offline it is the best there is
+    # (the loader then names what is missing).
+    cached = _find_in_hub_caches(repo_id, filename, revision, root, complete=not is_offline())
+    if cached is not None:
+        return cached
+    if is_offline():
+        target = _hub_cache_target(hub, repo_id, filename, revision)
+        raise _offline_failure(expert, source, target)
+    logger.info("fetching %s from the Hugging Face Hub into %s", source, hub)
+    found = _hub_lookup(repo_id, filename, revision, hub, local_only=False)
+    if isinstance(found, Path):
+        return found
+    raise WeightsUnavailable(expert, source, f"download failed ({found})") from found
+
+
+def _find_in_hub_caches(
+    repo_id: str, filename: str | None, revision: str | None, root: Path, complete: bool = True
+) -> Path | None:
+    """The file (or snapshot directory) from the standard hub cache, else from the private one that
+    earlier versions filled (``root/hf``), without network; None when neither holds it. ``complete``:
+    a snapshot directory counts only when it holds a model (config and weights)."""
+    for cache in (hub_cache_dir(), root / "hf"):
+        if cache.is_dir():
+            found = _hub_lookup(repo_id, filename, revision, cache, local_only=True)
+            if isinstance(found, Path) and (filename is not None or not complete or _holds_a_model(found)):
+                return found
+    return None
+
+
+def _holds_a_model(folder: Path) -> bool:
+    """Whether a cached snapshot has a config and weights: another tool may have fetched only some of a
+    repo's files (``hf download org/repo config.json``), and online the rest must still be fetched."""
+    try:
+        weight_files(folder)
+    except FileNotFoundError:
+        return False
+    return (folder / "config.json").is_file()
+
+
+def _hub_lookup(
+    repo_id: str, filename: str | None, revision: str | None, cache: Path, local_only: bool
+) -> Path | Exception:
+    """The path huggingface_hub gives for a file (or, with no ``filename``, a snapshot directory) in the
+    hub cache at ``cache``, or the error it raised."""
+    # Imported here so that local-path users never pay for (or need) huggingface_hub.
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
     # local_files_only is passed explicitly: huggingface_hub reads HF_HUB_OFFLINE only once, at import.
-    kwargs = {"revision": revision, "cache_dir": root / "hf", "local_files_only": offline}
-    if not offline:
-        logger.info("fetching %s from the Hugging Face Hub (cached under %s)", source, root / "hf")
     try:
         if filename is None:
             # A model directory for transformers: config, tokenizer and PyTorch weights only
             # (hub repos often also hold TF / Flax / ONNX copies of the same weights).
-            folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=SNAPSHOT_PATTERNS, **kwargs)
+            folder = huggingface_hub.snapshot_download(
+                repo_id,
+                allow_patterns=SNAPSHOT_PATTERNS,
+                revision=revision,
+                cache_dir=cache,
+                local_files_only=local_only,
+            )
             return Path(folder)
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, **kwargs))
+        path = huggingface_hub.hf_hub_download(
+            repo_id, filename, revision=revision, cache_dir=cache, local_files_only=local_only
+        )
+        return Path(path)
     except (OSError, EntryNotFoundError, HFValidationError) as exc:
-        if offline:
-            target = _hub_cache_target(root, repo_id, filename, revision)
-            raise _offline_failure(expert, source, target) from exc
-        raise WeightsUnavailable(expert, source, f"download failed ({exc})") from exc
+        return exc
 
 
-def _hub_cache_target(root: Path, repo_id: str, filename: str | None, revision: str | None) -> str:
+def _hub_cache_target(hub: Path, repo_id: str, filename: str | None, revision: str | None) -> str:
     """Where a file (or, with no ``filename``, a model directory) must go for an offline hub lookup."""
-    repo_dir = root / "hf" / f"models--{repo_id.replace('/', '--')}"
+    repo_dir = hub / f"models--{repo_id.replace('/', '--')}"
     what = "the file" if filename else "the model directory's files"
     if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision.lower()):
         return f"{what} to {repo_dir / 'snapshots' / revision / (filename or '')}"
@@ -347,3 +426,110 @@ def _download_to(url: str, out: BinaryIO) -> None:
     # A connection closed early can look like a clean EOF to urllib; the length check catches it.
     if expected is not None and out.tell() != int(expected):
         raise OSError(f"incomplete download: got {out.tell()} of {expected} bytes")
+
+
+# -- every expert's weights, before any expert loads ----------------------------------------------
+@dataclass(frozen=True)
+class WeightSource:
+    """A file or model directory an expert loads, named before anything is loaded.
+
+    ``default``: the expert's own default source, i.e. what ``make weights EXPERTS=<expert>`` fetches
+    (a source set in the manifest is not).
+    """
+
+    expert: str  # task:backend
+    source: str
+    sha256: str | None = None
+    default: bool = True
+
+
+def find_cached(source: str, cache_dir: str | Path | None = None) -> Path | None:
+    """Where ``source`` already is on this machine (a cache or a local path), or None; no network and
+    no hashing, so it is cheap enough for ``label-pipeline experts``."""
+    root = cache_root(cache_dir)
+    if source.startswith(HF_PREFIX):
+        try:
+            repo_id, filename, revision = parse_hf_source(source)
+        except ValueError:
+            return None
+        return _find_in_hub_caches(repo_id, filename, revision, root)
+    if source.startswith(("http://", "https://")):
+        target = url_cache_path(source, root)
+        return target if target.is_file() else None
+    try:
+        return _resolve_local(source, expert="")
+    except WeightsUnavailable:
+        return None
+
+
+def fetch_weights(
+    sources: Sequence[WeightSource], cache_dir: str | Path | None = None
+) -> list[tuple[WeightSource, WeightsUnavailable]]:
+    """Make every source available on this machine, fetching what is missing (unless offline), and
+    return each one that failed with its error, in order; one failure does not stop the others.
+
+    A source already on disk is only located here: its sha256 is checked once, when the expert loads it.
+    """
+    failures = []
+    for item in dict.fromkeys(sources):  # several experts can share a file: fetched once
+        if find_cached(item.source, cache_dir) is not None:
+            continue
+        try:
+            resolve_weights(item.source, expert=item.expert, sha256=item.sha256, cache_dir=cache_dir)
+        except WeightsUnavailable as exc:
+            failures.append((item, exc))
+    return failures
+
+
+def require_weights(sources: Sequence[WeightSource], cache_dir: str | Path | None = None) -> None:
+    """:func:`fetch_weights`, raising one :class:`MissingWeights` that names every failure."""
+    failures = fetch_weights(sources, cache_dir)
+    if failures:
+        raise MissingWeights(failures)
+
+
+class MissingWeights(ExpertUnavailable):
+    """The weights of one or more experts cannot be had: one message listing each expert and source, and
+    one command that fetches them all (or, offline, what to do instead)."""
+
+    def __init__(self, failures: Sequence[tuple[WeightSource, WeightsUnavailable]]) -> None:
+        self.failures = list(failures)
+        super().__init__(missing_weights_message(self.failures))
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[WeightSource, WeightsUnavailable]]]]:
+        return (type(self), (self.failures,))
+
+
+def missing_weights_message(failures: Sequence[tuple[WeightSource, WeightsUnavailable]]) -> str:
+    """Lines: a heading, one line per missing source (expert, source, why, and offline where to copy it),
+    then one ``make weights`` command for the experts' default sources."""
+    experts = list(dict.fromkeys(item.expert for item, _ in failures))
+    lines = [f"weights missing for {len(experts)} expert(s): {', '.join(experts)} (nothing was loaded)"]
+    for item, error in failures:
+        why = f"not in the cache (to place it by hand, copy {error.target})" if error.target else error.reason
+        if not item.default and item.source.startswith(HF_PREFIX) and not error.target:
+            why += f"; fetch it with `{_hf_download_command(item.source)}`"
+        lines.append(f"  {item.expert}: {item.source}: {why}")
+    fetchable = list(dict.fromkeys(item.expert for item, _ in failures if item.default))
+    command = f"make weights EXPERTS={','.join(fetchable)}" if fetchable else None
+    switches = offline_switches()
+    if switches:
+        unset = " and ".join(switches)
+        fix = f"unset {unset} and run `{command}`" if command else f"unset {unset} and run again"
+        lines.append(
+            f"{', '.join(f'{k}=1' for k in switches)} is set, so nothing can be fetched: {fix}; "
+            f"or run that where there is network and copy the Hugging Face cache to {hub_cache_dir()}"
+        )
+    elif command:
+        lines.append(f"fetch them all with: {command}")
+    if any(not item.default for item, _ in failures):
+        lines.append("`make weights` fetches default sources only: fix or fetch the manifest's as above")
+    return "\n".join(lines)
+
+
+def _hf_download_command(source: str) -> str:
+    """The Hugging Face CLI command that puts ``source`` into the hub cache (``huggingface-cli download``
+    before huggingface_hub 1.0)."""
+    repo_id, filename, revision = parse_hf_source(source)
+    parts = ["hf download", repo_id, *([filename] if filename else [])]
+    return " ".join(parts + ([f"--revision {revision}"] if revision else []))

@@ -100,7 +100,7 @@ class ExpertPool:
         self.launching: dict[Any, tuple[Replica, float]] = {}  # info() ref → replica still starting
         parked = cache.take(("monitor",)) if cache is not None else None
         self.monitor: Any = parked or ray.remote(RunMonitor).options(num_cpus=0).remote()
-        self.monitor.reset.remote(list(classes))
+        self.monitor.reset.remote(list(classes))  # type: ignore[union-attr]  # Ray: methods lack .remote
         if self.gpus == 0 and any(p.uses_gpu for p in profiles.values()):
             logger.warning("the cluster has no GPUs: every expert runs on CPU")
 

@@ -29,6 +29,7 @@ from ray.exceptions import RayError, RayTaskError
 from expert_zoo.registry import available, resolve_experts, resolve_name
 from label_pipeline.config import Manifest
 from label_pipeline.core.signals import install_sigterm_handler
+from label_pipeline.core.weights import require_weights
 from label_pipeline.run import PreparedRun, RunOptions, RunSummary, check_inputs, finish_run, prepare_run
 from label_pipeline.runners.ray_config import RayRunnerConfig, parse_ray_config
 from label_pipeline.runners.ray_executor import label_shard
@@ -57,8 +58,13 @@ def run_ray(
     config = parse_ray_config(manifest.runner, known)
     names = {request.task: resolve_name(request) for request in manifest.experts}
     # Fails fast, here: every name and option is checked before Ray starts or a model loads.
-    classes = {task: expert.cls for task, expert in resolve_experts(manifest.experts).items()}
+    resolved = resolve_experts(manifest.experts)
+    classes = {task: expert.cls for task, expert in resolved.items()}
     inputs = check_inputs(manifest, options)  # before starting Ray or loading any weights
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray's actors read this machine's caches: every missing weight is one message, before
+        # Ray starts. On a cluster each node resolves its own (its cache, its network).
+        require_weights([source for expert in resolved.values() for source in expert.weight_sources()])
     started_ray = connect(address, config)
     install_sigterm_handler()  # ray.init replaces it with one that exits without cleaning up
     pool: ExpertPool | None = None
@@ -209,7 +215,7 @@ class ShardStream:
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         else:
             self.prepared.summary.results.append(result)
-            self.stats.samples += result.record["samples"]
+            self.stats.add_samples(result.record["samples"])
             self.view.shard_done(result.record["samples"])
             return False
         if attempt < self.config.shard_attempts:

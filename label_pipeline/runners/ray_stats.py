@@ -2,25 +2,23 @@
 
 The numbers come from the ``RunMonitor`` actor (fed by the shard tasks' executors) and from a
 ``ClusterView`` of the actors the driver hands over; ``label-pipeline status`` summarises the newest
-``OUT/stats/ray-*.json``.
+``OUT/stats/*.json`` (the schema every runner writes: ``label_pipeline.run_stats``).
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from label_pipeline.core.format import encode_json
 from label_pipeline.progress import Progress
 from label_pipeline.run import PreparedRun
+from label_pipeline.run_stats import Throughput, new_run_id, stats_document, utc_created, write_stats
 from label_pipeline.runners.ray_planner import Placement, ReplicaPlan
 
 logger = logging.getLogger(__name__)
@@ -62,6 +60,9 @@ class LiveView:
 
     def tick(self, snapshot: dict[str, Any], cluster: ClusterView, running: int, pending: int) -> None:
         now = time.monotonic()
+        # images labelled in the shards still running: all the shard tasks' chunks less what committed
+        labelled = snapshot.get("cpu", {}).get("images", 0)
+        self.bar.in_flight(max(labelled - self.bar.samples, 0), running)
         if not self.enabled or now - self.last < self.interval:
             return
         parts = []
@@ -83,47 +84,54 @@ class LiveView:
 
 @dataclass
 class RunStats:
-    """What ``OUT/stats/ray-{time}-{id}.json`` holds; statistics never decide what is done."""
+    """What ``OUT/stats/ray-{time}-{id}.json`` holds (the schema of ``label_pipeline.run_stats``, plus
+    the cluster, the replica plan and the CPU stage); statistics never decide what is done."""
 
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    created: str = field(
-        default_factory=lambda: datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
-    )
+    run_id: str = field(default_factory=new_run_id)
+    created: str = field(default_factory=utc_created)
     status: str = "error"
     plan: ReplicaPlan | None = None
     started: float | None = None
     finished: float | None = None
-    samples: int = 0
     shard_retries: int = 0
     monitor: dict[str, Any] = field(default_factory=dict)
+    throughput: Throughput = field(default_factory=lambda: Throughput(clock=time.time))
+
+    @property
+    def samples(self) -> int:
+        return self.throughput.samples
+
+    def add_samples(self, samples: int) -> None:
+        """A shard committed ``samples`` samples."""
+        self.throughput.add(samples)
 
     def as_dict(self, prepared: PreparedRun, cluster: ClusterView) -> dict[str, Any]:
         elapsed = ((self.finished or time.time()) - self.started) if self.started else 0.0
         predicted = self.plan.predicted_images_per_s if self.plan else None
-        return {
-            "runner": "ray",
-            "run_id": self.run_id,
-            "created": self.created,
-            "status": self.status,
-            "cluster": {"GPU": cluster.gpus, "CPU": cluster.cpus},
-            "shards": {
+        return stats_document(
+            runner="ray",
+            run_id=self.run_id,
+            created=self.created,
+            status=self.status,
+            elapsed_s=elapsed,
+            samples=self.samples,
+            shards={
                 "planned": len(prepared.plans),
-                "labelled": len(prepared.summary.results),
+                "done": len(prepared.summary.results),
                 "failed": len(prepared.summary.failed_shards),
                 "skipped": prepared.summary.shards_skipped,
                 "retries": self.shard_retries,
                 "in_flight": self.plan.shards_in_flight if self.plan else None,
             },
-            "samples": self.samples,
-            "elapsed_s": round(elapsed, 3),
-            "images_per_s": round(self.samples / elapsed, 3) if elapsed else None,
-            "predicted_images_per_s": None
+            experts={task: self._expert(task, elapsed, cluster) for task in cluster.placements},
+            throughput=self.throughput.points,
+            cluster={"GPU": cluster.gpus, "CPU": cluster.cpus},
+            predicted_images_per_s=None
             if predicted is None or math.isinf(predicted)
             else round(predicted, 3),
-            "bottleneck": self.plan.bottleneck if self.plan else None,
-            "cpu_stage": self.monitor.get("cpu", {}),
-            "experts": {task: self._expert(task, elapsed, cluster) for task in cluster.placements},
-        }
+            bottleneck=self.plan.bottleneck if self.plan else None,
+            cpu_stage=self.monitor.get("cpu", {}),
+        )
 
     def _expert(self, task: str, elapsed: float, cluster: ClusterView) -> dict[str, Any]:
         counters = self.monitor.get("experts", {}).get(task, {})
@@ -132,19 +140,9 @@ class RunStats:
             busy = counters.get("busy_by_replica", {}).get(str(index), 0.0)
             fraction = round(busy / elapsed, 4) if elapsed else None
             replicas.append({"replica": index, **replica, "busy_s": busy, "busy_fraction": fraction})
-        return {
-            "placement": asdict(cluster.placements[task]),
-            "images_per_s": round(counters.get("images", 0) / elapsed, 3) if elapsed else None,
-            **counters,
-            "replicas": replicas,
-        }
+        return {"placement": asdict(cluster.placements[task]), **counters, "replicas": replicas}
 
     def write(self, prepared: PreparedRun, cluster: ClusterView) -> None:
         if not prepared.plans:
             return  # nothing ran: no statistics worth keeping
-        stamp = self.created.replace("-", "").replace(":", "").replace("+0000", "Z")
-        path = f"{prepared.store.root}/stats/ray-{stamp}-{self.run_id}.json"
-        try:
-            prepared.store.write_bytes_atomic(path, encode_json(self.as_dict(prepared, cluster)))
-        except Exception:  # noqa: BLE001 - statistics never decide anything: failing to write them warns
-            logger.warning("could not write run statistics to %s", path, exc_info=True)
+        write_stats(prepared.store, self.as_dict(prepared, cluster))

@@ -11,22 +11,27 @@ def build_source(config: SourceConfig) -> Source:
     if config.format == "webdataset":
         from label_pipeline.sources.webdataset import WebDatasetSource
 
-        return WebDatasetSource(config.path, skip_missing=config.skip_missing)
+        return WebDatasetSource(config.required("path"), skip_missing=config.skip_missing)
     if config.format == "demo":
         from label_pipeline.sources.demo import DemoSource
 
-        return DemoSource(config.path)
+        return DemoSource(config.required("path"))
     if config.format == "folder":
         from label_pipeline.sources.folder import FolderSource
 
-        return FolderSource(config.path, shard_size=config.shard_size)
+        return FolderSource(config.required("path"), shard_size=config.shard_size)
     if config.format == "coco":
         from label_pipeline.sources.coco import CocoSource
 
-        return CocoSource(config.images, config.annotations, shard_size=config.shard_size)
+        return CocoSource(config.required("images"), config.annotations, shard_size=config.shard_size)
     from label_pipeline.sources.vg import VisualGenomeSource
 
-    return VisualGenomeSource(config.images, config.image_data, config.captions, shard_size=config.shard_size)
+    return VisualGenomeSource(
+        config.required("images"),
+        config.required("image_data"),
+        config.captions,
+        shard_size=config.shard_size,
+    )
 
 
 __all__ = ["build_source", "InputShard", "Sample", "ShardReadReport", "Source"]

@@ -56,7 +56,7 @@ class CocoSource(ChunkedSource):
             Entry(
                 raw_key=_stem(relative),
                 image_url=_join(self.images, relative),
-                caption=(captions[relative] or [None])[0],
+                caption=captions[relative][0] if captions[relative] else None,
                 source={
                     "dataset": "coco",
                     "id": ids[relative],
