@@ -165,6 +165,18 @@ class TaskStats:
         else:  # no json beside the map: count the instance ids drawn in it
             self.per_image.append(len(present))
 
+    def merge(self, other: TaskStats) -> None:
+        """Add ``other``'s counts (the same task, e.g. one sample's, counted in another thread)."""
+        self.samples += other.samples
+        self.empty += other.empty
+        self.constant += other.constant
+        self.unreadable += other.unreadable
+        self.per_image += other.per_image
+        for name in ("values", "class_pixels", "normal_xy", "normal_z"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        for name in ("class_images", "class_instances", "words"):
+            getattr(self, name).update(getattr(other, name))
+
     def top_classes(self, limit: int = 15) -> list[tuple[int, str, float]]:
         """(class id, name, share) by pixel share (segmentation) or instance share (detection)."""
         names = class_names(self.task) or []
@@ -189,6 +201,18 @@ def collect(stats: dict[str, TaskStats], key: str, members: dict[str, bytes]) ->
             if task not in stats:
                 stats[task] = TaskStats(task, task_kind(task))
             stats[task].add(key, members)
+
+
+def sample_stats(key: str, members: dict[str, bytes]) -> dict[str, TaskStats]:
+    """One sample's statistics, to ``merge`` into the totals (safe to compute in a worker thread)."""
+    stats: dict[str, TaskStats] = {}
+    collect(stats, key, members)
+    return stats
+
+
+def merge_into(totals: dict[str, TaskStats], part: dict[str, TaskStats]) -> None:
+    for task, stats in part.items():
+        totals.setdefault(task, TaskStats(task, stats.kind)).merge(stats)
 
 
 def flags(stats: TaskStats, failed: int = 0, labelled: int = 0) -> list[str]:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +37,14 @@ from label_pipeline.config import ConfigError
 from label_pipeline.contact_sheet import contact_sheet
 from label_pipeline.core.tario import read_tar_samples
 from label_pipeline.inputs import list_folder
-from label_pipeline.label_stats import TaskStats, collect, flags
+from label_pipeline.label_stats import TaskStats, flags, merge_into, sample_stats
 from label_pipeline.output import OutputStore
 from label_pipeline.status import OutputStatus, output_status
 from label_pipeline.verify import describe
 
 logger = logging.getLogger(__name__)
 RECORD_COLUMNS = ["key", "status", "error", "expert_status"]
+STATS_THREADS = 8  # at most, and no more than the CPUs
 FAILED_STATUSES_KEPT = 50_000  # failed rows kept for the failure table and gallery; counts stay exact
 
 
@@ -296,23 +299,35 @@ def read_sampled_shards(
     store: OutputStore, plan: dict[str, int], wanted: dict[tuple[str, str], str]
 ) -> tuple[dict[str, TaskStats], dict[str, str], dict[tuple[str, str], Sheet]]:
     """One streamed read per shard: statistics over its first ``plan[shard]`` samples, and a contact
-    sheet for each wanted key; reading stops once both are through."""
+    sheet for each wanted key; reading stops once both are through.
+
+    Decoding the labels is most of the cost and OpenCV and NumPy release the GIL, so samples are
+    counted in worker threads while this one reads on; results are merged in reading order, so the
+    totals do not depend on the threads, and at most a few samples per worker wait in memory.
+    """
     stats: dict[str, TaskStats] = {}
     errors: dict[str, str] = {}
     sheets: dict[tuple[str, str], Sheet] = {}
     keys_by_shard: dict[str, set[str]] = defaultdict(set)
     for shard, key in wanted:
         keys_by_shard[shard].add(key)
-    for shard in sorted(set(plan) | set(keys_by_shard)):
-        count, keys = plan.get(shard, 0), keys_by_shard.get(shard, set())
-        try:
-            for index, (key, members) in _shard_samples(store, shard, count, keys):
-                if index < count:
-                    collect(stats, key, members)
-                if key in keys:
-                    sheets[(shard, key)] = Sheet(f"{shard}/{key}", contact_sheet(members, key))
-        except Exception as exc:  # noqa: BLE001 - an unreadable shard is a finding; the others still count
-            errors[shard] = describe(exc)
+    workers = min(STATS_THREADS, os.cpu_count() or 1)
+    pending: deque[Future[dict[str, TaskStats]]] = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="report-stats") as pool:
+        for shard in sorted(set(plan) | set(keys_by_shard)):
+            count, keys = plan.get(shard, 0), keys_by_shard.get(shard, set())
+            try:
+                for index, (key, members) in _shard_samples(store, shard, count, keys):
+                    if index < count:
+                        pending.append(pool.submit(sample_stats, key, members))
+                    if key in keys:
+                        sheets[(shard, key)] = Sheet(f"{shard}/{key}", contact_sheet(members, key))
+                    while len(pending) > 4 * workers:
+                        merge_into(stats, pending.popleft().result())
+            except Exception as exc:  # noqa: BLE001 - an unreadable shard is a finding; the others still count
+                errors[shard] = describe(exc)
+        while pending:
+            merge_into(stats, pending.popleft().result())
     return stats, errors, sheets
 
 
