@@ -269,13 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="one self-contained HTML page: run summary, label statistics per expert, contact sheets",
         epilog=REPORT_EPILOG,
     )
-    report.add_argument("output", help="an output root (OUT of `label-pipeline run`; fsspec URL)")
-    report.add_argument("--out", default="report.html", help="HTML file to write (fsspec URL)")
-    report.add_argument("--samples", type=int, default=1000, help="labels read for the statistics, at most")
-    report.add_argument("--shards", type=int, default=16, help="shards those labels are read from, at most")
-    report.add_argument("--gallery", type=int, default=6, help="random samples drawn as contact sheets")
-    report.add_argument("--failures", type=int, default=6, help="failed samples drawn as contact sheets")
-    report.add_argument("--seed", type=int, default=0, help="seed of the shard and sample draws")
+    report.add_argument(
+        "output", metavar="OUT", help="an output root (OUT of `label-pipeline run`; fsspec URL)"
+    )
+    report.add_argument("--out", default="report.html", metavar="HTML", help="file to write (fsspec URL)")
+    for flag, default, text in (
+        ("--samples", 1000, "labels decoded for the statistics, at most"),
+        ("--shards", 16, "shards those labels are read from, at most"),
+        ("--gallery", 6, "ok samples drawn at random as contact sheets"),
+        ("--failures", 6, "failed samples drawn as contact sheets"),
+        ("--seed", 0, "seed of the shard and sample draws"),
+    ):
+        report.add_argument(flag, type=int, default=default, metavar="N", help=text)
 
     weights = sub.add_parser(
         "weights", help="fetch the weights of experts into the cache and check that they load"

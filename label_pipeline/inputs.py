@@ -12,8 +12,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 
@@ -25,13 +24,18 @@ logger = logging.getLogger(__name__)
 _ETAG_KEYS = ("ETag", "etag", "md5Hash", "generation", "version_id", "VersionId")
 
 
-@dataclass(frozen=True)
-class FileStat:
-    """A cheap change detector for one file: its size plus mtime_ns (local) or etag (object stores)."""
+class FileStat(NamedTuple):
+    """A cheap change detector for one file: its size plus mtime_ns (local) or etag (object stores).
 
-    size: int
+    A tuple, not a dataclass: planning builds one per listed file, hundreds of thousands per rerun.
+    ``inode`` is the local inode number (free from a directory listing); ``size`` is None for a local
+    file that was listed but not stat-ed (``list_folder``'s ``stat`` predicate).
+    """
+
+    size: int | None
     mtime_ns: int | None = None
     etag: str | None = None
+    inode: int | None = None
 
     def as_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"size": self.size}
@@ -49,22 +53,15 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def list_folder(
     fs: fsspec.AbstractFileSystem, folder: str, stat: Callable[[str], bool] | None = None
-) -> dict[str, FileStat | None]:
+) -> dict[str, FileStat]:
     """Basename → stat of every plain file directly in ``folder`` (empty when it does not exist).
 
-    Locally a stat costs a system call per file: ``stat`` (a predicate on the name) limits them to
-    the files whose size and mtime matter; the others map to None (present, not stat-ed).
+    Object stores return size and etag with the listing (one request per page of 1,000 names).
+    Locally a stat costs a system call per file: ``stat`` (a predicate on the name) limits them to the
+    files whose size and mtime matter; the others get ``FileStat(None, inode=…)``, known to exist.
     """
     if is_local(fs):
-        try:
-            with os.scandir(folder) as entries:
-                return {
-                    entry.name: _local_stat(entry) if stat is None or stat(entry.name) else None
-                    for entry in entries
-                    if entry.is_file()
-                }
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
+        return _list_local(folder, stat)
     try:
         listing = fs.ls(folder, detail=True)
     except FileNotFoundError:
@@ -76,9 +73,38 @@ def list_folder(
     }
 
 
-def _local_stat(entry: os.DirEntry) -> FileStat:
-    result = entry.stat()
-    return FileStat(result.st_size, mtime_ns=result.st_mtime_ns)
+def _list_local(folder: str, stat: Callable[[str], bool] | None) -> dict[str, FileStat]:
+    try:
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    try:  # entries of a listing by descriptor are stat-ed relative to it: no path walk per file
+        with os.scandir(directory) as entries:
+            listed = {}
+            for entry in entries:
+                if not entry.is_file():
+                    continue
+                if stat is None or stat(entry.name):
+                    result = entry.stat()
+                    listed[entry.name] = FileStat(result.st_size, result.st_mtime_ns, None, entry.inode())
+                else:
+                    listed[entry.name] = FileStat(None, None, None, entry.inode())
+            return listed
+    finally:
+        os.close(directory)
+
+
+def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
+    """Names of the files and sub-folders directly in ``folder``: one listing, no stat."""
+    if is_local(fs):
+        try:
+            return set(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+    try:
+        return {str(name).rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
+    except FileNotFoundError:
+        return set()
 
 
 def remote_stat(info: Mapping[str, Any]) -> FileStat:
@@ -90,16 +116,20 @@ def remote_stat(info: Mapping[str, Any]) -> FileStat:
 
 
 def stat_files(urls: Iterable[str]) -> dict[str, FileStat | None]:
-    """URL → stat (None when missing), listing each distinct parent folder once."""
-    by_folder: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    """URL → stat (None when missing), listing each distinct parent folder once.
+
+    Only the files asked for are stat-ed: an img2dataset folder also holds a Parquet and a stats
+    json per shard, and a stat costs a system call locally.
+    """
+    by_folder: dict[str, dict[str, str]] = defaultdict(dict)
     for url in urls:
         folder, _, name = url.rpartition("/")
-        by_folder[folder].append((url, name))
+        by_folder[folder][name] = url
     stats: dict[str, FileStat | None] = {}
     for folder, members in by_folder.items():
         fs, path = fsspec.core.url_to_fs(folder or ".")  # resolved once per folder, not per file
-        listing = list_folder(fs, path)
-        for url, name in members:
+        listing = list_folder(fs, path, members.__contains__)
+        for name, url in members.items():
             stats[url] = listing.get(name)
     return stats
 

@@ -108,45 +108,47 @@ class TaskStats:
     def _add_rows(self, array: np.ndarray) -> None:
         rows = int(array.shape[0]) if array.ndim else 0
         self.per_image.append(rows)
-        self.empty += rows == 0
+        self.empty += int(rows == 0)
 
     def _add_map(self, label: np.ndarray, side: Any) -> None:
         if self.kind == "normal":
-            self._add_normals(label.reshape(-1, label.shape[-1]) if label.ndim == 3 else label.reshape(-1, 1))
+            self._add_normals(label)
             return
-        flat = label.ravel()
-        # One histogram answers everything else: values, emptiness, constancy, classes present.
-        histogram = np.bincount(flat, minlength=256)
+        # Smooth maps are summarised from every other row and column (a quarter of the pixels:
+        # decoding is then most of the cost); edge and segmentation maps keep every pixel, so that
+        # a 1-px line or a small class counts as it is. Empty and constant are exact: checked on
+        # the whole map when the view has one value.
+        view = label if self.kind in ("classes", "edge") else label[::2, ::2]
+        histogram = np.bincount(view.ravel(), minlength=256)
         self.values += histogram
-        empty = self._is_empty(histogram, flat.size, side)
-        self.empty += empty
-        constant = np.count_nonzero(histogram) == 1
-        self.constant += constant and not empty and self.kind in ("depth", "edge", "map")
+        uniform = np.count_nonzero(histogram) == 1 and bool((label == label.flat[0]).all())
+        empty = self._is_empty(uniform and int(label.flat[0]) == BACKGROUND, side)
+        self.empty += int(empty)
+        self.constant += int(uniform and not empty and self.kind in ("depth", "edge", "map"))
         if self.kind in ("classes", "instances", "words"):
             self._add_categories(histogram, side)
         elif self.kind == "edge":
-            self.per_image.append(float(histogram[:EDGE_THRESHOLD].sum()) / max(flat.size, 1))
+            self.per_image.append(float(histogram[:EDGE_THRESHOLD].sum()) / max(view.size, 1))
         elif self.kind == "depth":
-            self.per_image.append(float(histogram @ np.arange(256)) / max(flat.size, 1))
+            self.per_image.append(float(histogram @ np.arange(256)) / max(view.size, 1))
 
-    def _is_empty(self, histogram: np.ndarray, size: int, side: Any) -> bool:
+    def _is_empty(self, all_background: bool, side: Any) -> bool:
         if self.kind in ("instances", "words") and isinstance(side, list):
             return not side
         if self.kind == "depth":
             return False  # every value means something: a flat map is "constant", not "empty"
-        return bool(histogram[BACKGROUND] == size)
+        return all_background
 
-    def _add_normals(self, pixels: np.ndarray) -> None:
-        if pixels.shape[1] != 3:
-            raise ValueError(f"a normal map has 3 channels, this one {pixels.shape[1]}")
-        # RGB8 of (n + 1) / 2 is linear in n, so bins of the bytes are bins of the direction; every
-        # 4th pixel is plenty for a direction histogram and keeps large maps cheap.
-        bins = (pixels[::4].astype(np.uint16) * NORMAL_BINS) >> 8
-        self.normal_xy += np.bincount(
-            bins[:, 1] * NORMAL_BINS + bins[:, 0], minlength=NORMAL_BINS * NORMAL_BINS
-        ).reshape(NORMAL_BINS, NORMAL_BINS)
+    def _add_normals(self, label: np.ndarray) -> None:
+        # RGB8 of (n + 1) / 2 is linear in n, so bins of the bytes are bins of the direction; a
+        # quarter of the pixels is plenty for a direction histogram.
+        pixels = label[::2, ::2].reshape(-1, 3)
+        bins = (pixels.astype(np.uint16) * NORMAL_BINS) >> 8
+        xy = np.bincount(bins[:, 1] * NORMAL_BINS + bins[:, 0], minlength=NORMAL_BINS * NORMAL_BINS)
+        self.normal_xy += xy.reshape(NORMAL_BINS, NORMAL_BINS)
         self.normal_z += np.bincount(bins[:, 2], minlength=NORMAL_BINS)
-        self.constant += bool((pixels == pixels[0]).all())  # (min, max over axis 0 is 10x slower)
+        if np.count_nonzero(xy) == 1 and bool((pixels == pixels[0]).all()):
+            self.constant += int((label == label[0, 0]).all())
 
     def _add_categories(self, histogram: np.ndarray, side: Any) -> None:
         present = np.flatnonzero(histogram[:BACKGROUND])

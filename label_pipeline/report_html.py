@@ -19,6 +19,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from label_pipeline.label_stats import (
@@ -445,6 +446,8 @@ def _histogram(axis: Any, values: np.ndarray, title: str, integer: bool = False)
     bins = np.arange(-0.5, top + 1.5, max(1, (top + 1) // 40)) if integer else 30
     axis.hist(values, bins=bins, color="#6a1b9a")
     axis.set(xlabel=title, ylabel="images", title=title)
+    if integer:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 # -- gallery -------------------------------------------------------------------------------------------

@@ -253,7 +253,7 @@ def prepare_run(
         raise
     summary = RunSummary(store.url, len(shards), len(done), missing_inputs=[s.location for s in missing])
     summary.failed_shards.update({shard.shard_id: "input shard missing" for shard in missing})
-    summary.skipped_with_failures = sum(bool(r.get("failed") or r.get("input_error")) for r in done.values())
+    summary.skipped_with_failures = sum(entry.has_failures for entry in done.values())
     logger.info(
         "%d shards: %d done already, %d to label (%d incremental)",
         len(shards),

@@ -45,11 +45,28 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def write_tar(target: IO[bytes] | HashingWriter, samples: Iterable[Iterable[Member]]) -> None:
-    """Write samples (each a list of ``(member name, bytes)``) in order; members sorted per sample."""
-    with tarfile.open(fileobj=target, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-        for members in samples:
-            for name, data in sorted(members):
-                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+    """Write samples (each a list of ``(member name, bytes)``) in order; members sorted per sample.
+
+    The bytes are those of ``tarfile.open(mode="w|", format=GNU_FORMAT)`` adding the same members
+    (tarfile's own headers), written one sample per call: tarfile's stream copies every member
+    through 16 kB reads and a re-sliced buffer, which made it the slowest part of the writer.
+    """
+    offset = 0
+    for members in samples:
+        parts: list[bytes] = []
+        for name, data in sorted(members):
+            header = _tarinfo(name, len(data)).tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
+            parts += (header, data, _padding(len(data), tarfile.BLOCKSIZE))
+        chunk = b"".join(parts)
+        target.write(chunk)
+        offset += len(chunk)
+    # The end-of-archive blocks, then zeros up to a whole record, as tarfile's close writes them.
+    offset += 2 * tarfile.BLOCKSIZE
+    target.write(bytes(2 * tarfile.BLOCKSIZE) + _padding(offset, tarfile.RECORDSIZE))
+
+
+def _padding(size: int, unit: int) -> bytes:
+    return bytes(-size % unit)
 
 
 class HashingReader:

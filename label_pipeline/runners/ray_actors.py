@@ -91,6 +91,7 @@ class ExpertActor:
             "task": self.task,
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "device": str(self.expert.torch_device or "cpu"),
@@ -204,12 +205,26 @@ class RunMonitor:
         self.started, self.stop_requested = time.time(), False
         self.experts = {task: _counters() for task in tasks}
         self.cpu = {"images": 0, "seconds": 0.0}  # shard tasks' CPU time: read, decode, encode, write
+        self.generation, self.replica_sets = 0, None
+        self.acks: dict[str, int] = {}  # shard id → the replica generation it labels with
 
     def stop(self) -> None:
         self.stop_requested = True
 
     def stopping(self) -> bool:
         return self.stop_requested
+
+    def publish(self, generation: int, replica_sets: Any) -> None:
+        """The replicas in service from ``generation`` on (``ray_executor.ReplicaSets``)."""
+        self.generation, self.replica_sets = generation, replica_sets
+
+    def poll(self, shard_id: str, generation: int) -> tuple[bool, int, Any]:
+        """Before each chunk of a shard task: (stop?, the current generation, its replica sets if
+        newer than the task's ``generation``). The task labels that chunk with the current
+        generation's replicas, which the driver reads back (``acks``) before it retires older ones."""
+        newer = self.generation > generation and self.replica_sets is not None
+        self.acks[shard_id] = max(generation, self.generation) if newer else generation
+        return self.stop_requested, self.generation, self.replica_sets if newer else None
 
     def add(self, task: str | None, **amounts: float) -> None:
         """Add to ``task``'s counters (or, without a task, to the shard tasks' CPU counters)."""
@@ -237,4 +252,9 @@ class RunMonitor:
         experts = copy.deepcopy(self.experts)
         for counters in experts.values():
             counters["busy_by_replica"] = {str(r): s for r, s in sorted(counters["busy_by_replica"].items())}
-        return {"elapsed_s": time.time() - self.started, "experts": experts, "cpu": dict(self.cpu)}
+        return {
+            "elapsed_s": time.time() - self.started,
+            "experts": experts,
+            "cpu": dict(self.cpu),
+            "acks": dict(self.acks),
+        }

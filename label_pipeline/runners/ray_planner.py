@@ -2,23 +2,37 @@
 
 Pure arithmetic (no Ray), so it is testable on its own. The rules:
 
-* every expert gets one replica first; GPU experts share the cluster's cards when there are fewer
-  cards than experts (``1/k`` of a card each, so they pack onto whole cards on every node);
-* then replicas are added one at a time to the *bottleneck* (the expert with the lowest
-  ``replicas × images/s``) while its resource still fits; the plan stops when the bottleneck
-  cannot grow, since a replica anywhere else would not raise the pipeline's rate;
-* CPU experts draw from half of the cluster's CPUs; shard tasks (read, decode, encode, write) from
-  the rest. Reservations are fractional when the cluster is small, so a 2-CPU laptop still runs.
+* every expert gets one replica first, to measure it on (calibration); GPU experts take a whole card
+  when there are at least as many cards as experts, else a power-of-two fraction of one (1/2, 1/4,
+  …), so that they pack onto the cards without gaps;
+* then the *bottleneck* (the expert with the lowest images/s over all its replicas) grows, one step
+  at a time, while its resource still fits; the plan stops when the bottleneck cannot grow (a
+  replica anywhere else would not raise the pipeline's rate) or when the shard tasks (read, decode,
+  encode, write) are slower already;
+* a GPU expert without a manual ``num_gpus`` grows by 1/8 of a card (``GPU_QUANTUM``; 1/16, 1/32, …
+  when there are more such experts than cards), so the cards' time is split in proportion to the
+  experts' measured cost instead of one card per replica (the six experts on 8 cards reach ~0.73 of
+  the bound with whole cards, ~0.95 in eighths). Its share is cut into replicas of one card each
+  plus one each of 1/2, 1/4, 1/8 … as needed: all sizes divide one another, so they pack onto the
+  cards exactly; a running replica whose share no longer fits the plan is replaced (the pool retires
+  it once its replacements run). Its cost per image is the card-time a replica used:
+  ``min(num_gpus, 1) / images_per_s`` (a share of a card runs at that share of the card's speed);
+* GPU experts with a manual ``num_gpus`` and CPU experts grow by whole replicas; CPU experts draw
+  from half of the cluster's CPUs, shard tasks from the rest. Reservations are fractional when the
+  cluster is small, so a 2-CPU laptop still runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from label_pipeline.config import ConfigError
 from label_pipeline.runners.ray_config import RayRunnerConfig
+
+GPU_QUANTUM = 8  # a planned GPU share is a multiple of 1/8 of a card (finer when experts outnumber cards)
+_EPS = 1e-6
 
 
 @dataclass
@@ -32,16 +46,52 @@ class ExpertProfile:
 class Placement:
     task: str
     replicas: int
-    num_gpus: float
+    num_gpus: float  # GPUs of the replica calibration measured (and of every replica not planned otherwise)
     num_cpus: float
     batch_size: int  # the expert's forward batch (docs/ARCHITECTURE.md, "Batch sizes")
-    images_per_s: float | None = None  # one replica
+    images_per_s: float | None = None  # one replica holding ``num_gpus``
     fixed: bool = False  # replica count set in the manifest
+    shares: list[float] = field(default_factory=list)  # GPUs of each replica (``num_gpus`` each if not given)
+    level: int = 0  # dependency level: 0 = reads no other expert's labels, 1 = reads level-0 labels, …
+
+    def __post_init__(self) -> None:
+        if not self.shares:
+            self.shares = [self.num_gpus] * self.replicas
+
+    def set_shares(self, shares: list[float]) -> None:
+        self.shares, self.replicas = list(shares), len(shares)
+
+    def add_replica(self, share: float | None = None) -> None:
+        self.set_shares([*self.shares, self.num_gpus if share is None else share])
+
+    def remove_replica(self, share: float) -> None:
+        """One replica of ``share`` GPUs fewer (it died, failed to start or was retired)."""
+        shares = list(self.shares)
+        match = next((i for i, s in enumerate(shares) if math.isclose(s, share)), None)
+        if match is not None:
+            shares.pop(match)
+        self.set_shares(shares)
+
+    @property
+    def gpus(self) -> float:
+        return sum(self.shares)
+
+    @property
+    def gpu_seconds_per_image(self) -> float | None:
+        """Card time one image costs (None: a CPU expert, or not measured yet)."""
+        if self.images_per_s is None or self.num_gpus <= 0 or self.images_per_s <= 0:
+            return None
+        return min(self.num_gpus, 1.0) / self.images_per_s
 
     @property
     def bound(self) -> float:
         """Images/s all replicas of this expert can label (inf when not measured)."""
-        return math.inf if self.images_per_s is None else self.replicas * self.images_per_s
+        if self.images_per_s is None:
+            return math.inf
+        cost = self.gpu_seconds_per_image
+        if cost is None:
+            return self.replicas * self.images_per_s
+        return sum(min(share, 1.0) for share in self.shares) / cost
 
 
 @dataclass
@@ -69,21 +119,24 @@ class ReplicaPlan:
 
     def describe(self) -> str:
         lines = [
-            f"{'expert':<16}{'replicas':>9}{'GPU/rep':>9}{'CPU/rep':>9}{'batch':>7}{'img/s/rep':>11}{'bound':>9}"
+            f"{'expert':<16}{'replicas':>9}{'GPUs':>7}{'CPU/rep':>9}{'batch':>7}{'img/s/rep':>11}{'bound':>9}"
+            "  GPU per replica"
         ]
         for p in self.experts.values():
             rate, bound = (
                 ("-", "-") if p.images_per_s is None else (f"{p.images_per_s:.1f}", f"{p.bound:.1f}")
             )
+            shares = "+".join(_fraction(s) for s in sorted(p.shares, reverse=True)) if p.gpus else "-"
             lines.append(
-                f"{p.task:<16}{p.replicas:>8}{'*' if p.fixed else ' '}{p.num_gpus:>9.3g}{p.num_cpus:>9.3g}"
-                f"{p.batch_size:>7}{rate:>11}{bound:>9}"
+                f"{p.task:<16}{p.replicas:>8}{'*' if p.fixed else ' '}{p.gpus:>7.3g}{p.num_cpus:>9.3g}"
+                f"{p.batch_size:>7}{rate:>11}{bound:>9}  {shares}"
             )
         cpu = "-" if self.cpu_stage_images_per_s is None else f"{self.cpu_stage_images_per_s:.1f} img/s"
         predicted = self.predicted_images_per_s
         lines.append(
             f"shard tasks: {self.shards_in_flight} in flight x {self.shard_cpus:.3g} CPU "
-            f"(read/decode/encode/write bound {cpu}); * = fixed in the manifest"
+            f"(read/decode/encode/write bound {cpu}); * = fixed in the manifest; "
+            "img/s/rep = one replica at the share it was measured at"
         )
         lines.append(
             "predicted: "
@@ -92,18 +145,31 @@ class ReplicaPlan:
         return "\n".join(lines)
 
 
+def _fraction(share: float) -> str:
+    """``1``, ``1/2``, ``3/8``: a GPU share as people read it."""
+    if share >= 1 or share <= 0:
+        return f"{share:g}"
+    for denominator in (2**k for k in range(1, 11)):
+        numerator = share * denominator
+        if abs(numerator - round(numerator)) < denominator * 1e-4:
+            return f"{round(numerator)}/{denominator}"
+    return f"{share:.3g}"
+
+
 def _round_down(value: float) -> float:
     """Ray accounts resources to 1e-4; round down so shares never sum past a whole."""
     return math.floor(value * 10_000) / 10_000
 
 
 def gpu_share(gpu_experts: int, gpus: float) -> float:
-    """GPUs per replica for an expert without a manual setting: a whole card, or 1/k of one."""
+    """GPUs per replica for an expert without a manual setting: a whole card, or 1/2^k of one (the
+    largest power-of-two fraction that gives every expert a share: such shares pack without gaps)."""
     if gpu_experts == 0 or gpus <= 0:
         return 0.0
     if gpus >= gpu_experts:
         return 1.0
-    return _round_down(1 / math.ceil(gpu_experts / gpus))
+    per_card = math.ceil(gpu_experts / gpus)
+    return _round_down(1 / 2 ** math.ceil(math.log2(per_card)))
 
 
 def cpu_pool(cpus: float) -> float:
@@ -128,7 +194,7 @@ def first_placements(
             batch_size=profile.batch_size,
             fixed=task in config.replicas,
         )
-    manual = sum(p.num_gpus for t, p in placements.items() if t in config.num_gpus)
+    manual = sum(p.gpus for t, p in placements.items() if t in config.num_gpus)
     if manual > gpus + 1e-9:
         raise ConfigError(
             f"runner.ray.num_gpus: one replica of each expert needs {manual:g} GPUs, the cluster has {gpus:g}"
@@ -157,25 +223,94 @@ def plan_replicas(
     chunk_size: int,
     cpu_seconds_per_image: float | None,
 ) -> ReplicaPlan:
-    """Grow the bottleneck expert while its resources fit; then size the shard stage."""
+    """Grow the bottleneck expert while its resources fit; then size the shard stage.
+
+    ``placements`` hold what runs now (with the rates measured on it) and become the plan: a GPU
+    expert's ``shares`` list the GPUs of every replica it should have (``ExpertPool`` starts the
+    missing ones and retires the ones no longer listed).
+    """
     cpu_rate = _cpu_stage_rate(placements, config, cpus, chunk_size, cpu_seconds_per_image)
+    slices, quantum = _sliced_experts(placements, config, gpus)
+    current = {task: list(placements[task].shares) for task in slices}
+    for task, units in slices.items():
+        placements[task].set_shares(_pieces(current[task], units, quantum))
     while True:
         measured = [p for p in placements.values() if p.images_per_s is not None]
         if not measured:
             break
         bottleneck = min(measured, key=lambda p: p.bound)
-        if bottleneck.fixed or bottleneck.replicas >= config.max_replicas:
-            break
         if cpu_rate is not None and bottleneck.bound >= cpu_rate:
             break  # reading, decoding and writing are slower already: more replicas would idle
+        if bottleneck.task in slices:
+            units = slices[bottleneck.task] + 1
+            shares = _pieces(current[bottleneck.task], units, quantum)
+            grown = len(shares) <= config.max_replicas and _fits(shares, bottleneck, placements, gpus)
+            if not grown:
+                break
+            slices[bottleneck.task] = units
+            bottleneck.set_shares(shares)
+            continue
+        if bottleneck.fixed or bottleneck.replicas >= config.max_replicas:
+            break
         if not _fits_one_more(bottleneck, placements, gpus, cpus):
             break
-        bottleneck.replicas += 1
+        bottleneck.add_replica()
     shards = config.shards_in_flight or default_shards_in_flight(placements, chunk_size)
     free = _free_cpus(placements, cpus)
     shard_cpus = config.shard_cpus if config.shard_cpus is not None else min(1.0, _round_down(free / shards))
     cpu_rate = _cpu_stage_rate(placements, config, cpus, chunk_size, cpu_seconds_per_image)
     return ReplicaPlan(placements, shards, shard_cpus, cpu_rate)
+
+
+def _sliced_experts(
+    placements: Mapping[str, Placement], config: RayRunnerConfig, gpus: float
+) -> tuple[dict[str, int], int]:
+    """The GPU experts whose share the planner chooses in slices of a card (measured, no manual
+    ``num_gpus`` or replica count), each starting from one slice, and the slices per card: 8, or
+    more when those experts outnumber the cards (at least 8 slices per expert). ({}, 8) when there
+    are none, or not one slice each: then they keep their calibration shares and grow by replicas."""
+    sliced = [
+        p
+        for task, p in placements.items()
+        if p.gpu_seconds_per_image is not None and not p.fixed and task not in config.num_gpus
+    ]
+    free = gpus - sum(p.gpus for p in placements.values() if p not in sliced)
+    if not sliced or free <= 0:
+        return {}, GPU_QUANTUM
+    quantum = GPU_QUANTUM * 2 ** max(0, math.ceil(math.log2(len(sliced) / free)))
+    if math.floor(free * quantum + _EPS) < len(sliced):
+        return {}, GPU_QUANTUM
+    return {p.task: 1 for p in sliced}, quantum
+
+
+def _pieces(current: list[float], units: int, quantum: int = GPU_QUANTUM) -> list[float]:
+    """Replica shares making up ``units`` slices (1/``quantum`` card each): the running replicas that
+    fit in it (largest first: they are kept), then whole cards, then one each of 1/2, 1/4, … as needed."""
+    kept: list[float] = []
+    total = 0.0
+    for share in sorted(current, reverse=True):
+        if share > 0 and total + share * quantum <= units + _EPS:
+            kept.append(share)
+            total += share * quantum
+    rest = units - total
+    pieces = []
+    while rest >= quantum - _EPS:
+        pieces.append(1.0)
+        rest -= quantum
+    size = quantum // 2
+    while size >= 1:
+        if rest >= size - _EPS:
+            pieces.append(_round_down(size / quantum))
+            rest -= size
+        size //= 2
+    return kept + pieces
+
+
+def _fits(
+    shares: list[float], candidate: Placement, placements: Mapping[str, Placement], gpus: float
+) -> bool:
+    used = sum(p.gpus for p in placements.values() if p is not candidate)
+    return used + sum(shares) <= gpus + 1e-9
 
 
 def _free_cpus(placements: Mapping[str, Placement], cpus: float) -> float:
@@ -200,7 +335,7 @@ def _fits_one_more(
     candidate: Placement, placements: Mapping[str, Placement], gpus: float, cpus: float
 ) -> bool:
     if candidate.num_gpus > 0:
-        used = sum(p.replicas * p.num_gpus for p in placements.values())
+        used = sum(p.gpus for p in placements.values())
         return used + candidate.num_gpus <= gpus + 1e-9
     used = sum(p.replicas * p.num_cpus for p in placements.values() if p.num_gpus == 0)
     return used + max(candidate.num_cpus, 1e-4) <= cpu_pool(cpus) + 1e-9
@@ -209,11 +344,13 @@ def _fits_one_more(
 def default_shards_in_flight(placements: Mapping[str, Placement], chunk_size: int) -> int:
     """Shards at once so every replica has >= 2 batches queued.
 
-    A shard has one chunk (``chunk_size`` images) at the experts at a time, i.e. ``chunk/batch``
-    batches per expert; experts wait for their dependencies half of the time, hence the +1.
+    A shard task labels one chunk (``chunk_size`` images) at a time, i.e. ``chunk/batch`` batches per
+    expert, one dependency level after the other: an expert has the shard's batches only during its
+    level, about 1/levels of the chunk's time; hence x levels, and +1 for the shard being written.
     """
+    levels = 1 + max((p.level for p in placements.values()), default=0)
     needed = [math.ceil(2 * p.replicas * p.batch_size / max(chunk_size, 1)) for p in placements.values()]
-    return max(2, max(needed, default=1)) + 1
+    return max(2, max(needed, default=1)) * levels + 1
 
 
 MAX_CALIBRATED_BATCH = 64  # candidate batch sizes stop here: beyond it gains are small, memory risk is not
