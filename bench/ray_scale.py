@@ -261,8 +261,8 @@ def steady_rate(stats: Mapping[str, Any]) -> tuple[float | None, float]:
     window = steady_window(stats)
     if window is None:
         return None, 0.0
-    begin, end = window
-    return (end["samples"] - begin["samples"]) / (end["t"] - begin["t"]), end["t"] - begin["t"]
+    begin, end = window  # images labelled by all experts (committed or not: shards hold many)
+    return (end["labelled"] - begin["labelled"]) / (end["t"] - begin["t"]), end["t"] - begin["t"]
 
 
 def card_busy(lock_dir: str, since: float, until: float) -> dict[str, float]:
@@ -439,7 +439,7 @@ def summarise(
     ]
     lines.append(
         "  events: "
-        + "; ".join(f"{e['t']:.1f}s {e['event']} ({e['samples']} done)" for e in ours.get("events", []))
+        + "; ".join(f"{e['t']:.1f}s {e['event']} ({e['labelled']} labelled)" for e in ours.get("events", []))
     )
     if ours.get("card_busy"):
         busy = ours["card_busy"]

@@ -83,4 +83,6 @@ class PixelBudget:
     def _has_room(self, pending: int = 0) -> bool:
         if self._held == 0 and pending == 0:
             return True
+        if pending and not self._largest:  # no image size known yet: one decode at a time
+            return False
         return self._held + (pending + 1) * self._largest <= self.limit

@@ -4,9 +4,9 @@ A rerun over 100k done shards must decide in about a second which shards are don
 "What done means"). The checks need, per shard, only a few fields of its done-record: the sizes and
 mtimes/etags of the tar and Parquet it vouches for, the input identity, the expert fingerprints and
 whether it has failures (``DoneEntry``). ``records/_done_index.json`` stores those fields column by
-column (lists of scalars parse several times faster than one object per shard), each row with the key
-of the done-record file it was taken from; a row is used only while that file is listed with the same
-key, otherwise the done-record itself is read.
+column (lists of scalars parse several times faster than one object per shard), each row with the size
+and mtime/etag of the done-record file it was taken from; a row is used only while that file is listed
+with the same size and mtime/etag, otherwise the done-record itself is read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from label_pipeline.inputs import FileStat
 
 INDEX_VERSION = 2  # 1: a copy of each whole done-record per shard (planning parsed every field)
-Key = int | str  # what identifies one version of a done-record file (``done_key``)
+Key = tuple[int, int | str]  # one version of a done-record file: size and mtime_ns or etag
 
 
 class DoneEntry(NamedTuple):
@@ -36,16 +36,13 @@ class DoneEntry(NamedTuple):
     has_failures: bool  # failed samples or a damaged input shard
 
 
-def done_key(stat: FileStat) -> Key | None:
-    """The key of one version of a done-record file (None: it cannot be told apart; never cached).
-
-    On object stores the listing's size and etag. Locally the inode number, which a directory listing
-    gives without a stat: a done-record is only ever replaced through a rename, which gives it a new
-    inode. (An in-place edit keeps the inode; it is not seen until the index is deleted.)
-    """
-    if stat.etag is not None:
-        return f"{stat.size}:{stat.etag}"
-    return stat.inode
+def done_key(stat: FileStat | None) -> Key | None:
+    """What tells one version of a done-record file from another: size and mtime_ns (local) or etag
+    (object stores), as listed. None: not listed with a stat; such a file is never taken from a cache."""
+    if stat is None:
+        return None
+    change = stat.etag if stat.etag is not None else stat.mtime_ns
+    return None if change is None else (stat.size, change)
 
 
 def entry_of(shard_id: str, record: Any) -> DoneEntry | None:
@@ -128,7 +125,8 @@ def encode_index(rows: Mapping[str, tuple[Key, DoneEntry]]) -> dict[str, Any]:
     return {
         "version": INDEX_VERSION,
         "shards": list(rows),
-        "key": [key for key, _ in rows.values()],
+        "done_bytes": [key[0] for key, _ in rows.values()],
+        "done_change": [key[1] for key, _ in rows.values()],
         **{name: [getattr(entry, name) for entry in entries] for name in _COLUMNS},
         "experts": experts,
         "experts_ref": refs,
@@ -140,20 +138,21 @@ def decode_index(data: Any) -> dict[str, tuple[Key, DoneEntry]]:
     """shard id → (key, entry) from an index file's content; empty when it is not a valid index."""
     if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
         return {}
-    names = ("shards", "key", *_COLUMNS, "experts_ref", "has_failures")
+    names = ("shards", "done_bytes", "done_change", *_COLUMNS, "experts_ref", "has_failures")
     columns = [data.get(name) for name in names]
     experts = data.get("experts")
-    if not isinstance(experts, list) or not all(isinstance(c, list) for c in columns):
+    lists = [column for column in columns if isinstance(column, list)]
+    if len(lists) != len(names) or len({len(column) for column in lists}) != 1:
         return {}
-    shards, keys, *fields, refs, failures = columns
-    if len({len(column) for column in columns}) != 1 or not all(isinstance(m, dict) for m in experts):
+    shards, done_bytes, done_change, *fields, refs, failures = lists
+    if not isinstance(experts, list) or not all(isinstance(m, dict) for m in experts):
         return {}
     try:
         fingerprints = [experts[ref] for ref in refs]
-    except (IndexError, TypeError):
+        entries = map(partial(tuple.__new__, DoneEntry), zip(*fields, fingerprints, failures))
+        return dict(zip(shards, zip(zip(done_bytes, done_change), entries)))
+    except (IndexError, TypeError):  # a reference out of range, an unhashable shard id
         return {}
-    entries = map(partial(tuple.__new__, DoneEntry), zip(*fields, fingerprints, failures))
-    return dict(zip(shards, zip(keys, entries)))
 
 
 @contextmanager

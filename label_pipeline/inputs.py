@@ -12,6 +12,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import fsspec
@@ -28,22 +29,20 @@ class FileStat(NamedTuple):
     """A cheap change detector for one file: its size plus mtime_ns (local) or etag (object stores).
 
     A tuple, not a dataclass: planning builds one per listed file, hundreds of thousands per rerun.
-    ``inode`` is the local inode number (free from a directory listing); ``size`` is None for a local
-    file that was listed but not stat-ed (``list_folder``'s ``stat`` predicate).
     """
 
-    size: int | None
+    size: int
     mtime_ns: int | None = None
     etag: str | None = None
-    inode: int | None = None
 
     def as_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"size": self.size}
         if self.etag is not None:
-            record["etag"] = self.etag
-        else:
-            record["mtime_ns"] = self.mtime_ns
-        return record
+            return {"size": self.size, "etag": self.etag}
+        return {"size": self.size, "mtime_ns": self.mtime_ns}
+
+
+# FileStat(...) goes through a Python-level __new__; a listing of 10^5 files builds them in C instead.
+_new_stat = partial(tuple.__new__, FileStat)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -53,12 +52,12 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def list_folder(
     fs: fsspec.AbstractFileSystem, folder: str, stat: Callable[[str], bool] | None = None
-) -> dict[str, FileStat]:
+) -> dict[str, FileStat | None]:
     """Basename → stat of every plain file directly in ``folder`` (empty when it does not exist).
 
     Object stores return size and etag with the listing (one request per page of 1,000 names).
     Locally a stat costs a system call per file: ``stat`` (a predicate on the name) limits them to the
-    files whose size and mtime matter; the others get ``FileStat(None, inode=…)``, known to exist.
+    files whose size and mtime matter; the others map to None (present, not stat-ed).
     """
     if is_local(fs):
         return _list_local(folder, stat)
@@ -73,25 +72,26 @@ def list_folder(
     }
 
 
-def _list_local(folder: str, stat: Callable[[str], bool] | None) -> dict[str, FileStat]:
+def _list_local(folder: str, stat: Callable[[str], bool] | None) -> dict[str, FileStat | None]:
     try:
         directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
         return {}
+    listed: dict[str, FileStat | None] = {}
     try:  # entries of a listing by descriptor are stat-ed relative to it: no path walk per file
         with os.scandir(directory) as entries:
-            listed = {}
             for entry in entries:
                 if not entry.is_file():
                     continue
-                if stat is None or stat(entry.name):
+                name = entry.name
+                if stat is None or stat(name):
                     result = entry.stat()
-                    listed[entry.name] = FileStat(result.st_size, result.st_mtime_ns, None, entry.inode())
+                    listed[name] = _new_stat((result.st_size, result.st_mtime_ns, None))
                 else:
-                    listed[entry.name] = FileStat(None, None, None, entry.inode())
-            return listed
+                    listed[name] = None
     finally:
         os.close(directory)
+    return listed
 
 
 def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
@@ -121,16 +121,15 @@ def stat_files(urls: Iterable[str]) -> dict[str, FileStat | None]:
     Only the files asked for are stat-ed: an img2dataset folder also holds a Parquet and a stats
     json per shard, and a stat costs a system call locally.
     """
-    by_folder: dict[str, dict[str, str]] = defaultdict(dict)
+    by_folder: dict[str, list[str]] = defaultdict(list)
     for url in urls:
-        folder, _, name = url.rpartition("/")
-        by_folder[folder][name] = url
+        by_folder[url.rpartition("/")[0]].append(url)
     stats: dict[str, FileStat | None] = {}
     for folder, members in by_folder.items():
         fs, path = fsspec.core.url_to_fs(folder or ".")  # resolved once per folder, not per file
-        listing = list_folder(fs, path, members.__contains__)
-        for name, url in members.items():
-            stats[url] = listing.get(name)
+        names = [url[len(folder) + 1 :] if folder else url for url in members]
+        listing = list_folder(fs, path, set(names).__contains__)
+        stats.update(zip(members, map(listing.get, names)))
     return stats
 
 
@@ -148,7 +147,7 @@ def input_identities(source: Source, shards: Sequence[InputShard]) -> dict[str, 
     if reads_files(source):
         stats = stat_files(shard.location for shard in shards)
         return {
-            shard.shard_id: (stat.as_record() if (stat := stats[shard.location]) else None)
+            shard.shard_id: None if (stat := stats[shard.location]) is None else stat.as_record()
             for shard in shards
         }
     assert isinstance(source, ChunkedSource)
@@ -194,12 +193,11 @@ def overlap(output: str, input_files: Iterable[str], input_trees: Iterable[str])
     the output either, or the next listing would read labels as images.
     """
     out = _normalised(output)
-    folders: dict[str, str] = {}
-    for url in input_files:  # a file is inside the output iff its folder is: normalise each folder once
-        folders.setdefault(url.rpartition("/")[0] or ".", url)
-    for folder, url in folders.items():
-        if _inside(_normalised(folder), out):
-            return url
+    files = list(input_files)
+    # a file is inside the output iff its folder is: normalise each distinct folder once
+    for folder in dict.fromkeys(url.rpartition("/")[0] for url in files):
+        if _inside(_normalised(folder or "."), out):
+            return next(url for url in files if url.rpartition("/")[0] == folder)
     for url in input_trees:
         tree = _normalised(url)
         if _inside(tree, out) or _inside(out, tree):

@@ -18,6 +18,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any
 
 import fsspec
@@ -37,10 +38,12 @@ from label_pipeline.done_index import (
     mismatch,
     parse_index,
 )
-from label_pipeline.inputs import FileStat, is_local, list_folder, remote_stat
+from label_pipeline.inputs import FileStat, is_local, list_folder, list_names, remote_stat
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: done-records carry tar/records stats and the input's identity
+# 2: done-records carry tar/records stats and the input's identity; 3: label PNGs use zlib's RLE
+# strategy (core/format.py), and each done-record names the version that wrote it
+FORMAT_VERSION = 3
 RECORD_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -51,6 +54,10 @@ RECORD_SCHEMA = pa.schema(
         ("label_bytes", pa.int64()),
     ]
 )
+
+
+# One listing each of shards/ and records/: basename → size and mtime/etag (None: not stat-ed).
+Listing = tuple[dict[str, FileStat | None], dict[str, FileStat | None]]
 
 
 class OutputLocked(RuntimeError):
@@ -99,13 +106,22 @@ class OutputStore:
     def lock_path(self) -> str:
         return f"{self.root}/_lock"
 
-    def prepare(self) -> None:
-        """Create the layout and delete temp files of runs that died (safe: we hold the lock)."""
+    def prepare(self) -> Listing:
+        """Create the layout and delete temp files of runs that died (safe: we hold the lock).
+
+        Returns the listing of ``shards/`` and ``records/`` it looked through (temp files left out),
+        for the planning that follows: a rerun lists each folder once (``committed_entries``).
+        """
         for sub in ("shards", "records", "stats"):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
-            for leftover in self.fs.glob(f"{self.root}/{sub}/*.tmp-*"):
-                logger.info("removing %s left by an interrupted run", leftover)
-                self.fs.rm(leftover)
+        tars, records = self.listing()
+        stats = dict.fromkeys(list_names(self.fs, f"{self.root}/stats"))
+        for sub, names in (("shards", tars), ("records", records), ("stats", stats)):
+            for name in sorted(name for name in names if ".tmp-" in name):
+                logger.info("removing %s/%s/%s left by an interrupted run", self.root, sub, name)
+                self._remove_quietly(f"{self.root}/{sub}/{name}")
+                del names[name]
+        return tars, records
 
     # -- atomic writes ---------------------------------------------------------------------------
     def write_shard(self, shard_id: str, samples: Iterable[Iterable[Member]]) -> ShardWrite:
@@ -209,24 +225,24 @@ class OutputStore:
         try:
             if self.local:
                 result = os.stat(path)
-                return FileStat(result.st_size, mtime_ns=result.st_mtime_ns, inode=result.st_ino)
+                return FileStat(result.st_size, mtime_ns=result.st_mtime_ns)
             return remote_stat(self.fs.info(path))
         except FileNotFoundError:
             return None
 
-    def listing(self) -> tuple[dict[str, FileStat], dict[str, FileStat]]:
-        """One listing each of ``shards/`` and ``records/``: basename → size and mtime/etag. Locally
-        only tars and Parquet files are stat-ed; other files (done-records) carry just their inode."""
+    def listing(self) -> Listing:
+        """One listing each of ``shards/`` and ``records/``: basename → size and mtime/etag (None for
+        files whose presence is all that matters: failure records, the caches, temp files)."""
         return (
             list_folder(self.fs, f"{self.root}/shards", _stat_in_shards),
             list_folder(self.fs, f"{self.root}/records", _stat_in_records),
         )
 
-    # Planning and the readers (status, report, export) check the same five things (docs/FORMAT.md,
-    # "What done means") from one listing each of shards/ and records/. Two caches spare them a read
-    # per done-record: _done_index.json, the fields planning needs, and _done_records.json, whole
-    # done-records for the readers. A cache row is used only while the done-record file it was
-    # taken from is listed unchanged (``done_key``).
+    # Planning and the readers (status, report, export) decide what is committed (docs/FORMAT.md,
+    # "What done means", checks 1-3) from one listing each of shards/ and records/. Two caches spare
+    # them a read per done-record: _done_index.json holds the fields planning needs, _done_records.json
+    # whole done-records for the readers. A cache row is used only while the done-record file it was
+    # taken from is listed with the same size and mtime/etag (``done_key``).
     @property
     def index_path(self) -> str:
         return f"{self.root}/records/_done_index.json"
@@ -236,17 +252,19 @@ class OutputStore:
         return f"{self.root}/records/_done_records.json"
 
     def committed_entries(
-        self, shard_ids: Iterable[str], save_index: bool = False
+        self, shard_ids: Iterable[str], save_index: bool = False, listing: Listing | None = None
     ) -> tuple[dict[str, DoneEntry], dict[str, str]]:
         """What planning needs: ({shard: entry} of done-records the files still match, {shard: why
         not} for the others); a shard without a done-record is in neither.
 
         Costs one listing of ``shards/`` and ``records/``, one read of ``_done_index.json`` and one
         read per done-record that the index does not hold as listed; no tar or Parquet file is opened.
-        ``save_index`` (lock holders only) rewrites the index when it was out of date.
+        ``save_index`` (lock holders only) rewrites the index when it was out of date. ``listing``: the
+        one ``prepare`` just made (nothing was written to the two folders since), else one is made.
         """
-        tars, records = self.listing()
+        tars, records = listing or self.listing()
         index = self._read_cache(self.index_path, parse_index)
+        at = 1 if self.local else 2  # the FileStat field a recorded change is in: mtime_ns or etag
         fresh: dict[str, tuple[Key, DoneEntry]] = {}
         done: dict[str, DoneEntry] = {}
         damaged: dict[str, str] = {}
@@ -254,14 +272,28 @@ class OutputStore:
             stat = records.get(f"{shard_id}.done.json")
             if stat is None:
                 continue
-            key = done_key(stat)
             tar, parquet = tars.get(f"{shard_id}.tar"), records.get(f"{shard_id}.parquet")
             row = index.get(shard_id)
-            if row is not None and key is not None and row[0] == key and not mismatch(row[1], tar, parquet):
-                done[shard_id] = row[1]  # the common case: indexed, and the files are as recorded
-                continue
+            if row is not None and tar is not None and parquet is not None:
+                # The common case, spelled out (it runs 10^5 times): the done-record, tar and Parquet
+                # file are listed exactly as indexed, so checks 1-3 hold as they did then.
+                (size, changed), entry = row
+                if (
+                    stat[0] == size
+                    and stat[at] == changed
+                    and tar[0] == entry[0]
+                    and tar[at] == entry[1]
+                    and parquet[0] == entry[2]
+                    and parquet[at] == entry[3]
+                ):
+                    done[shard_id] = entry
+                    continue
             # Not indexed as listed, or the files differ from the indexed row (a row of an older
-            # version of the file, or damage): the done-record file decides.
+            # version of the file, damage, a record older than format 2): the done-record decides.
+            key = done_key(stat)
+            if row is not None and key is not None and row[0] == key and not mismatch(row[1], tar, parquet):
+                done[shard_id] = row[1]
+                continue
             entry = entry_of(shard_id, self.read_json(self.done_path(shard_id)))
             if entry is not None and key is not None and row != (key, entry):
                 fresh[shard_id] = (key, entry)
@@ -314,7 +346,7 @@ class OutputStore:
         return done, damaged
 
     def _save_caches(
-        self, records: dict[str, tuple[Key, dict[str, Any]]], listed: dict[str, FileStat]
+        self, records: dict[str, tuple[Key, dict[str, Any]]], listed: dict[str, FileStat | None]
     ) -> None:
         """Both caches from whole done-records (planning rows of other listed shards are kept)."""
         entries = _still_listed(self._read_cache(self.index_path, parse_index), listed)
@@ -472,16 +504,12 @@ class OutputStore:
             self._remove_quietly(self.lock_path)
 
 
-def _stat_in_shards(name: str) -> bool:
-    return name.endswith(".tar")
+# Which listed files planning needs the size and mtime of (C-level predicates: one call per file).
+_stat_in_shards = methodcaller("endswith", ".tar")
+_stat_in_records = methodcaller("endswith", (".parquet", ".done.json"))
 
 
-def _stat_in_records(name: str) -> bool:
-    """Which files of ``records/`` planning needs the size and mtime of (a done-record: its inode)."""
-    return name.endswith(".parquet")
-
-
-def _still_listed(rows: dict[str, Any], records: dict[str, FileStat]) -> dict[str, Any]:
+def _still_listed(rows: dict[str, Any], records: dict[str, FileStat | None]) -> dict[str, Any]:
     """The cache rows whose done-record is still there (a deleted one must not linger)."""
     return {shard: row for shard, row in rows.items() if f"{shard}.done.json" in records}
 
@@ -500,7 +528,11 @@ def _parse_records_cache(raw: bytes | None) -> dict[str, tuple[Key, dict[str, An
     keys, records = data.get("key"), data.get("records")
     if not isinstance(keys, dict) or not isinstance(records, dict):
         return {}
-    return {shard: (keys[shard], record) for shard, record in records.items() if shard in keys}
+    return {
+        shard: ((keys[shard][0], keys[shard][1]), record)  # JSON has no tuples: [size, change]
+        for shard, record in records.items()
+        if isinstance(keys.get(shard), list) and len(keys[shard]) == 2
+    }
 
 
 def _same_file(fd: int, path: str) -> bool:

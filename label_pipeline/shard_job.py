@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from label_pipeline.config import DecodeConfig
 from label_pipeline.core.tario import HashingReader, Member, read_tar_samples
 from label_pipeline.cpu_stage import (
@@ -35,7 +37,7 @@ from label_pipeline.cpu_stage import (
 )
 from label_pipeline.done_index import DoneEntry, entry_of
 from label_pipeline.labeler import Labeler, WorkItem, item_from_output, item_from_sample
-from label_pipeline.output import FORMAT_VERSION, OutputStore
+from label_pipeline.output import FORMAT_VERSION, Listing, OutputStore
 from label_pipeline.sources.base import InputShard, ShardReadReport, Source
 
 logger = logging.getLogger(__name__)
@@ -73,16 +75,19 @@ def plan_shards(
     store: OutputStore,
     fingerprints: Mapping[str, str],
     identities: Mapping[str, dict[str, Any] | None] | None = None,
+    listing: Listing | None = None,
 ) -> tuple[list[ShardPlan], dict[str, DoneEntry]]:
     """(work to do, what the done-record says of each shard already done for every requested expert).
 
     ``identities`` maps a shard id to its input's identity now (``inputs.input_identities``); a
     done-record made from another input is relabelled from scratch. Costs what
-    ``OutputStore.committed_entries`` costs, plus one read per incrementally relabelled shard.
+    ``OutputStore.committed_entries`` costs (``listing``: the one ``OutputStore.prepare`` returned),
+    plus one read per incrementally relabelled shard.
     """
     shards = list(shards)
     identities = identities or {}
-    committed, damaged = store.committed_entries((shard.shard_id for shard in shards), save_index=True)
+    ids = (shard.shard_id for shard in shards)
+    committed, damaged = store.committed_entries(ids, save_index=True, listing=listing)
     stale_tasks = _stale_tasks(fingerprints)
     plans: list[ShardPlan] = []
     done: dict[str, DoneEntry] = {}
@@ -154,7 +159,9 @@ def run_shards(
     interrupt there abandons the shard being written and removes its temp tar; the CPU stage runs
     ahead in its own threads (``cpu_stage``), stopped when this generator is closed.
     """
-    jobs = [_ShardJob(plan, source, store, decode, list(labeler.fingerprints)) for plan in plans]
+    _warm_up_records()
+    # Made as the reader reaches them, so a committed shard's job (and its rows) is freed at once.
+    jobs = (_ShardJob(plan, source, store, decode, list(labeler.fingerprints)) for plan in plans)
     with CpuStage(labeler, decode.max_bytes_in_flight) as stage:
         with contextlib.closing(stage.events(jobs)) as events:
             for event in events:
@@ -171,6 +178,13 @@ def run_shards(
                     yield job.original, exc
                     continue
                 yield job.original, result
+
+
+def _warm_up_records() -> None:
+    """pyarrow imports pandas on its first conversion of Python values (0.5-3 s on a busy machine):
+    pay that before the pipeline starts, not inside the first commit, where it would stall the
+    writer while the labeller runs ahead (as one thread, the old loop paid it in line)."""
+    pa.array([""], pa.string())
 
 
 @dataclass

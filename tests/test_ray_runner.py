@@ -106,25 +106,11 @@ for _name, _cls in [
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """An S3 endpoint on 127.0.0.1 (moto), with credentials in the environment Ray workers inherit."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    server.stop()
+    pytest.importorskip("moto.server")
+    from s3_server import s3_server
+
+    with s3_server() as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

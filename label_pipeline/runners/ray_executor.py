@@ -135,6 +135,16 @@ class _Replicas:
     speeds: dict[int, float]
     outstanding: dict[int, int]
     dead: set[int] = field(default_factory=set)
+    queued: dict[int, int] = field(default_factory=dict)  # every task's batches, as of this chunk
+    rates: dict[int, float] = field(default_factory=dict)  # images/s each replica gives now
+
+    def load(self, queues: dict[int, int], measured: dict[int, float]) -> None:
+        """Queues and recent images/s from the monitor. A replica not measured yet is expected to
+        match the measured ones per share of a card (or, with none measured, its share)."""
+        self.queued = {r: queues.get(r, 0) for r in self.actors}
+        known = [measured[r] / self.speeds[r] for r in self.actors if measured.get(r)]
+        per_share = sorted(known)[len(known) // 2] if known else 1.0
+        self.rates = {r: measured.get(r) or self.speeds[r] * per_share for r in self.actors}
 
 
 class RayExecutor:
@@ -173,11 +183,15 @@ class RayExecutor:
 
     @contextlib.contextmanager
     def chunk(self, images: Sequence[np.ndarray]) -> Iterator[None]:
-        stopping, generation, sets = ray.get(self.monitor.poll.remote(self.shard_id, self.generation))
+        poll = self.monitor.poll.remote(self.shard_id, self.generation)
+        stopping, generation, sets, loads = ray.get(poll)
         if stopping:
             raise ShardInterrupted("the run was stopped")
         if sets is not None:
             self._use(sets, generation)
+        with self.lock:
+            for task, state in self.replicas.items():
+                state.load(*loads.get(task, ({}, {})))
         self.shared.share(images)
         try:
             yield
@@ -208,7 +222,7 @@ class RayExecutor:
         for _ in range(MAX_INNOCENT_RESUBMITS + 1):
             replica = self._pick(task)
             actor = self.replicas[task].actors[replica]
-            self.monitor.add.remote(task, queued=1)
+            self.monitor.sent.remote(task, replica)
             started = time.perf_counter()
             try:
                 labels, compute_s = ray.get(actor.predict.remote(ref, positions, deps, batch_id))
@@ -237,18 +251,21 @@ class RayExecutor:
         raise ShardInterrupted(f"{task}: a batch was resubmitted {MAX_INNOCENT_RESUBMITS} times")
 
     def _pick(self, task: str) -> int:
-        """A live replica (its id), in proportion to its speed (its share of a card) and away from
-        those with batches outstanding from this task. The random part keeps the shard tasks, which
-        do not see each other's batches, from all picking the same replica first: with nothing
-        outstanding, the smallest of exponential draws scaled by 1/speed picks each replica with
-        probability speed / total speed."""
+        """A live replica (its id): of two drawn in proportion to their speed, the one whose queue
+        would empty first. Speeds are the images/s replicas give now (a replica alone on its card
+        runs faster than its share says, one beside busy ones slower); queues are every shard task's
+        batches as of this chunk (from the monitor) plus this task's own since: a little stale, which
+        is why two random candidates are compared rather than every task picking the same one."""
         state = self.replicas[task]
         with self.lock:
             live = [r for r in state.actors if r not in state.dead]
             if not live:
                 raise ShardInterrupted(f"every replica of the {task} expert is gone")
-            draw = {r: (state.outstanding[r] + self.random.expovariate(1.0)) / state.speeds[r] for r in live}
-            replica = min(live, key=draw.__getitem__)
+            rates = {r: state.rates.get(r) or state.speeds[r] for r in live}
+            candidates = set(self.random.choices(live, [rates[r] for r in live], k=2))
+            replica = min(
+                candidates, key=lambda r: (state.queued.get(r, 0) + state.outstanding[r] + 1) / rates[r]
+            )
             state.outstanding[replica] += 1
             return replica
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from label_pipeline.config import ConfigError
 from label_pipeline.runners.ray_config import RayRunnerConfig
@@ -378,3 +379,176 @@ def choose_batch_size(timings: Mapping[int, float | None], preferred: int) -> in
         if seconds * 1.05 <= best_seconds:  # >= 5% more images/s
             best, best_seconds = size, seconds
     return best
+
+
+# -- projection: a dataset's wall time on N GPUs ----------------------------------------------------
+# Per-expert forward cost recorded in docs/BENCHMARKS.md ("Experts": full-size architectures, random
+# weights, fp32, one image, on the 2-core CPU of the development machine). No GPU measurement is
+# recorded yet: these give the experts' relative costs (so the replica split), not GPU hours. A GPU
+# run's statistics (OUT/stats/*.json) or bench/gpu_check.sh's JSON give real ones (``--stats``).
+RECORDED_SOURCE = "docs/BENCHMARKS.md, full-size forward on CPU (fp32, 1 image): relative costs only"
+RECORDED_SECONDS_PER_IMAGE = {
+    "edge": 1.684,
+    "depth": 13.188,
+    "normal": 14.590,
+    "seg_coco": 21.661,
+    "obj_detection": 33.382,
+    "ocr_detection": 12.653,
+}
+
+
+@dataclass
+class Projection:
+    plan: ReplicaPlan
+    images: int
+    gpus: float
+
+    @property
+    def images_per_s(self) -> float | None:
+        rate = self.plan.predicted_images_per_s
+        return None if rate is None or math.isinf(rate) else rate
+
+    @property
+    def hours(self) -> float | None:
+        rate = self.images_per_s
+        return self.images / rate / 3600 if rate else None
+
+
+def project(
+    seconds_per_image: Mapping[str, float],
+    gpus: float,
+    images: int,
+    cpus: float = 0.0,
+    cpu_seconds_per_image: float | None = None,
+    batch_size: int = 8,
+) -> Projection:
+    """The replica plan for ``gpus`` cards from each expert's card-seconds per image (one replica
+    on a whole card), its predicted images/s and the hours ``images`` take. ``cpus`` (with the shard
+    tasks' CPU seconds per image) adds the read/decode/encode/write bound; 0 leaves it out."""
+    if gpus <= 0:
+        raise ConfigError(f"--gpus: expected a positive number of GPUs, got {gpus:g}")
+    profiles = {task: ExpertProfile(task, True, batch_size) for task in seconds_per_image}
+    config = RayRunnerConfig(max_replicas=10_000)
+    placements = first_placements(profiles, config, gpus, max(cpus, 1.0))
+    for task, seconds in seconds_per_image.items():
+        placements[task].images_per_s = min(placements[task].num_gpus, 1.0) / seconds
+    cpu_seconds = cpu_seconds_per_image if cpus > 0 else None
+    plan = plan_replicas(placements, config, gpus, max(cpus, 1.0), batch_size, cpu_seconds)
+    return Projection(plan, images, gpus)
+
+
+def seconds_from_stats(stats: Mapping[str, Any]) -> tuple[dict[str, float], float | None, str]:
+    """Card-seconds per image of each expert (one replica on a whole card) from a run's statistics
+    (``OUT/stats/*.json``, either runner) or bench/gpu_check.sh's JSON; the shard tasks' CPU seconds
+    per image when recorded; and a line saying where they come from."""
+    if "gpu_check" in stats:
+        experts = stats["gpu_check"]["experts"]
+        seconds = {
+            task: 1.0 / entry["images_per_s"] for task, entry in experts.items() if entry.get("images_per_s")
+        }
+        return seconds, None, f"bench/gpu_check.sh on {stats['gpu_check'].get('device', '?')}"
+    seconds = {}
+    for task, entry in stats.get("experts", {}).items():
+        placement = entry.get("placement") or {}
+        rate, share = placement.get("images_per_s"), placement.get("num_gpus")
+        if rate and share:  # the Ray runner's calibration: one replica at its share of a card
+            seconds[task] = min(share, 1.0) / rate
+        elif entry.get("images") and entry.get("busy_s"):  # busy time per image on its device
+            seconds[task] = entry["busy_s"] / entry["images"]
+    cpu = stats.get("cpu_stage") or {}
+    cpu_seconds = cpu["seconds"] / cpu["images"] if cpu.get("images") else None
+    where = f"the {stats.get('runner', '?')} run {stats.get('run_id', '?')} of {stats.get('created', '?')}"
+    if stats.get("runner") == "ray" and not stats.get("cluster", {}).get("GPU"):
+        where += " (on CPU: its rates are no GPU's)"
+    return seconds, cpu_seconds, where
+
+
+IMG2DATASET_SAMPLES_PER_SHARD = 10_000  # what `make download` asks img2dataset for (label_pipeline.download)
+
+
+@dataclass
+class DatasetSize:
+    shards: int
+    samples_per_shard: int
+    note: str  # where the numbers come from
+
+    @property
+    def images(self) -> int:
+        return self.shards * self.samples_per_shard
+
+
+def dataset_size(source: Any, samples_per_shard: int | None = None) -> DatasetSize:
+    """Shards × samples per shard of a manifest's ``source`` (a ``SourceConfig``), without reading
+    any input where the manifest says it: a WebDataset's shards are its brace pattern, each of
+    ``transform.number_sample_per_shard`` (img2dataset's, 10,000 by default) or
+    ``samples_per_shard``; other sources are listed (their annotations must be there) in shards of
+    ``shard_size``."""
+    if source.format == "webdataset":
+        from label_pipeline.sources.webdataset import expand_shard_urls
+
+        shards = len(expand_shard_urls(source.path))
+        if samples_per_shard is not None:
+            return DatasetSize(
+                shards, samples_per_shard, "shards: the manifest's path; samples per shard: given"
+            )
+        per_shard = source.transform.get("number_sample_per_shard")
+        if per_shard is None and str(source.transform.get("tool", "")).startswith("img2dataset"):
+            per_shard = IMG2DATASET_SAMPLES_PER_SHARD
+            return DatasetSize(
+                shards,
+                per_shard,
+                f"shards: the manifest's path; {per_shard:,} samples each (`make download`)",
+            )
+        if per_shard is None:
+            raise ConfigError(
+                "samples per shard: the manifest does not say (source.transform.number_sample_per_shard); "
+                "pass --samples-per-shard"
+            )
+        return DatasetSize(
+            shards, int(per_shard), "the manifest's path and transform.number_sample_per_shard"
+        )
+    from label_pipeline.sources import build_source
+
+    try:
+        shards = len(build_source(source).shards())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot list the {source.format} source to count its images ({exc}); pass --images"
+        ) from None
+    per_shard = samples_per_shard or source.shard_size
+    return DatasetSize(
+        shards, per_shard, f"{shards} shards listed, of up to {per_shard} samples (shard_size)"
+    )
+
+
+def format_projection(projection: Projection, size: DatasetSize, source_line: str, name: str) -> str:
+    """What ``label-pipeline plan`` prints."""
+    plan = projection.plan
+    lines = [
+        f"dataset {name}: {size.shards:,} shards x {size.samples_per_shard:,} = {size.images:,} images "
+        f"({size.note})",
+        f"per-expert throughput: {source_line}",
+        "",
+        f"{'expert':<16}{'replicas':>9}{'GPUs':>8}{'img/s per GPU':>15}{'bound img/s':>13}  GPU per replica",
+    ]
+    for p in plan.experts.values():
+        per_gpu = 1.0 / p.gpu_seconds_per_image if p.gpu_seconds_per_image else 0.0
+        shares = "+".join(_fraction(s) for s in sorted(p.shares, reverse=True))
+        lines.append(f"{p.task:<16}{p.replicas:>9}{p.gpus:>8.3g}{per_gpu:>15.3g}{p.bound:>13.3g}  {shares}")
+    rate, hours = projection.images_per_s, projection.hours
+    if plan.cpu_stage_images_per_s is not None:
+        lines.append(f"shard tasks (read, decode, encode, write): {plan.cpu_stage_images_per_s:.1f} images/s")
+    lines.append("")
+    if rate and hours is not None:
+        lines.append(
+            f"predicted: {rate:.1f} images/s on {projection.gpus:g} GPUs (bottleneck {plan.bottleneck}): "
+            f"{hours:.2f} hours ({hours / 24:.2f} days) for {size.images:,} images"
+        )
+    else:
+        lines.append("predicted: no expert was measured")
+    if source_line == RECORDED_SOURCE:
+        lines.append(
+            "(CPU costs: the split between experts holds, the hours do not; run bench/gpu_check.sh on a "
+            "GPU and pass its JSON, or a GPU run's OUT/stats/*.json, with --stats)"
+        )
+    return "\n".join(lines)

@@ -219,6 +219,7 @@ class ShardStream:
                     elif retry is not None:
                         pending.append((plan, retry))
                 snapshot = monitor_snapshot(self.pool.monitor)
+                self.stats.monitor = snapshot  # the latest counters, for the events
                 self._watch_nodes(snapshot)
                 self._replan(snapshot)
                 self._release_retired(running, snapshot)

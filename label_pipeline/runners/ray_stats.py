@@ -112,7 +112,8 @@ class RunStats:
     def event(self, name: str, **details: Any) -> None:
         """Something that changed the run's shape, at seconds since the first shard was submitted."""
         at = round(time.time() - self.started, 3) if self.started else 0.0
-        self.events.append({"t": at, "event": name, "samples": self.samples, **details})
+        labelled = self.monitor.get("cpu", {}).get("images", 0)  # in chunks, committed or not
+        self.events.append({"t": at, "event": name, "samples": self.samples, "labelled": labelled, **details})
 
     def as_dict(self, prepared: PreparedRun, cluster: ClusterView) -> dict[str, Any]:
         elapsed = ((self.finished or time.time()) - self.started) if self.started else 0.0

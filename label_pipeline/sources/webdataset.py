@@ -50,8 +50,7 @@ def _expand_part(pattern: str) -> Iterable[str]:
 
 
 def shard_id_of(url: str) -> str:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name[: -len(".tar")] if name.endswith(".tar") else name
+    return url.rstrip("/").rpartition("/")[2].removesuffix(".tar")
 
 
 class WebDatasetSource:
@@ -71,9 +70,7 @@ class WebDatasetSource:
             raise ValueError(
                 f"input shards of {self.path!r} have clashing names; each needs a distinct basename"
             )
-        return [
-            InputShard(shard_id=sid, location=url, index=i) for i, (sid, url) in enumerate(zip(ids, urls))
-        ]
+        return [InputShard(sid, url, i) for i, (sid, url) in enumerate(zip(ids, urls))]
 
     def read(self, shard: InputShard, report: ShardReadReport) -> Iterator[Sample]:
         """Every sample of the tar, in order (docs/FORMAT.md: how tar members become samples)."""
