@@ -265,7 +265,7 @@ class OutputStore:
         tars, records = listing or self.listing()
         index = self._read_cache(self.index_path, parse_index)
         at = 1 if self.local else 2  # the FileStat field a recorded change is in: mtime_ns or etag
-        fresh: dict[str, tuple[Key, DoneEntry]] = {}
+        fresh: dict[str, tuple[Key, dict[str, Any]]] = {}  # done-records read: for both caches
         done: dict[str, DoneEntry] = {}
         damaged: dict[str, str] = {}
         for shard_id in shard_ids:
@@ -294,16 +294,17 @@ class OutputStore:
             if row is not None and key is not None and row[0] == key and not mismatch(row[1], tar, parquet):
                 done[shard_id] = row[1]
                 continue
-            entry = entry_of(shard_id, self.read_json(self.done_path(shard_id)))
-            if entry is not None and key is not None and row != (key, entry):
-                fresh[shard_id] = (key, entry)
+            record = self.read_json(self.done_path(shard_id))
+            entry = entry_of(shard_id, record)
+            if record is not None and entry is not None and key is not None and row != (key, entry):
+                fresh[shard_id] = (key, record)
             problem = "done-record unreadable" if entry is None else mismatch(entry, tar, parquet)
             if entry is not None and problem is None:
                 done[shard_id] = entry
             else:
                 damaged[shard_id] = str(problem)
         if save_index and fresh:
-            self._write_cache(self.index_path, encode_index(_still_listed({**index, **fresh}, records)))
+            self._save_caches(fresh, records, index=index)
         return done, damaged
 
     def committed(
@@ -342,25 +343,35 @@ class OutputStore:
             else:
                 damaged[shard_id] = str(problem)
         if save_index and fresh:
-            self._save_caches(_still_listed({**cache, **fresh}, records), records)
+            self._save_caches(fresh, records, cache=cache)
         return done, damaged
 
     def _save_caches(
-        self, records: dict[str, tuple[Key, dict[str, Any]]], listed: dict[str, FileStat | None]
+        self,
+        fresh: dict[str, tuple[Key, dict[str, Any]]],
+        listed: dict[str, FileStat | None],
+        index: dict[str, tuple[Key, DoneEntry]] | None = None,
+        cache: dict[str, tuple[Key, dict[str, Any]]] | None = None,
     ) -> None:
-        """Both caches from whole done-records (planning rows of other listed shards are kept)."""
-        entries = _still_listed(self._read_cache(self.index_path, parse_index), listed)
-        for shard_id, (key, record) in records.items():
+        """Add the done-records just read to both caches (rows of other listed shards are kept), so
+        that whichever reads next, a planning run or ``status``, reads one file."""
+        if index is None:
+            index = self._read_cache(self.index_path, parse_index)
+        if cache is None:
+            cache = self._read_cache(self.records_cache_path, _parse_records_cache)
+        entries = dict(index)
+        for shard_id, (key, record) in fresh.items():
             entry = entry_of(shard_id, record)
             if entry is not None:
                 entries[shard_id] = (key, entry)
-        cache = {
+        whole = _still_listed({**cache, **fresh}, listed)
+        content = {
             "version": 1,
-            "key": {shard: key for shard, (key, _) in records.items()},
-            "records": {shard: record for shard, (_, record) in records.items()},
+            "key": {shard: key for shard, (key, _) in whole.items()},
+            "records": {shard: record for shard, (_, record) in whole.items()},
         }
-        self._write_cache(self.records_cache_path, cache)
-        self._write_cache(self.index_path, encode_index(entries))
+        self._write_cache(self.records_cache_path, content)
+        self._write_cache(self.index_path, encode_index(_still_listed(entries, listed)))
 
     def _read_cache(self, path: str, parse: Callable[[bytes | None], dict[str, Any]]) -> dict[str, Any]:
         try:

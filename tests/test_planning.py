@@ -135,6 +135,17 @@ def test_a_broken_index_is_ignored_and_rewritten(tmp_path, caplog, content):
     assert sorted(parse_index((out / "records" / "_done_index.json").read_bytes())) == ["00000", "00001"]
 
 
+def test_a_rerun_restores_both_caches_so_status_reads_no_done_record(tmp_path, done_record_reads, capsys):
+    manifest, out = labelled(tmp_path, 3)
+    for cache in ("_done_index.json", "_done_records.json"):
+        (out / "records" / cache).unlink()  # e.g. an output written before these caches existed
+    assert run(manifest) == 0  # nothing to label: planning reads the done-records and caches them
+    done_record_reads.clear()
+    assert main(["status", str(out)]) == 0
+    assert "3 done / 0 failed / 0 pending / 3 total" in capsys.readouterr().out
+    assert done_record_reads == []
+
+
 def test_status_sees_a_done_record_edited_after_the_cache_was_written(tmp_path, capsys):
     _, out = labelled(tmp_path, 2)
     assert (out / "records" / "_done_records.json").exists()
