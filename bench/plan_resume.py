@@ -62,12 +62,12 @@ def plan(root: Path, count: int) -> tuple[float, int]:
             "experts": ["edge:canny"],
         }
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     inputs = check_inputs(manifest, RunOptions())
     work, done = plan_shards(inputs.present, inputs.store, FINGERPRINTS, inputs.identities)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert not work and len(done) == count, (len(work), len(done))
-    return elapsed, len(done)
+    return elapsed, cpu
 
 
 def plan_by_stat(root: Path, count: int) -> float:
@@ -92,9 +92,11 @@ def main() -> None:
         build(root, args.shards)
         print(f"built {args.shards} done shards in {time.perf_counter() - started:.1f}s")
         plan(root, args.shards)  # warm the page cache and imports, as a rerun on a busy node would be
-        ours = min(plan(root, args.shards)[0] for _ in range(3))
+        rounds = [plan(root, args.shards) for _ in range(3)]
+        ours = min(wall for wall, _ in rounds)
         by_stat = min(plan_by_stat(root, args.shards) for _ in range(3))
-        print(f"plan a rerun over {args.shards} done shards: {ours:.3f}s (target < 1 s)")
+        cpu = min(cpu for _, cpu in rounds)
+        print(f"plan a rerun over {args.shards} done shards: {ours:.3f}s wall, {cpu:.3f}s CPU (target < 1 s)")
         print(f"one stat per file instead (no integrity checks): {by_stat:.3f}s; ratio {by_stat / ours:.2f}")
 
 
