@@ -65,6 +65,11 @@ def load_plugins() -> None:
             logger.warning("ignoring plugin entry point %s = %s: %s", entry.name, entry.value, exc)
 
 
+def builtin_names() -> frozenset[str]:
+    """The ``task:backend`` names this package ships (plugins and test registrations excluded)."""
+    return _BUILTIN
+
+
 def available() -> list[str]:
     """Every registered ``task:backend`` name, plugins included."""
     load_plugins()
