@@ -295,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("experts", help="table of experts: default backend, weights, cached, licence")
 
+    plan = sub.add_parser(
+        "plan", help="replicas per expert, images/s and hours for a dataset on N GPUs", epilog=PLAN_EPILOG
+    )
+    plan.add_argument("manifest", help="a manifest YAML, or the name of one in manifests/ (cc12m, coco, …)")
+    plan.add_argument("--gpus", type=float, required=True, help="GPUs of the cluster")
+    plan.add_argument(
+        "--stats",
+        metavar="FILE",
+        help="per-expert throughput from a run's OUT/stats/*.json or bench/gpu_check.sh's JSON "
+        "(default: the relative costs recorded in docs/BENCHMARKS.md)",
+    )
+    plan.add_argument(
+        "--experts", type=_csv, metavar="LIST", help="task[:backend] list, replacing the manifest's"
+    )
+    plan.add_argument(
+        "--cpus", type=float, default=0, help="CPUs for the shard tasks' bound (0: leave it out)"
+    )
+    plan.add_argument("--samples-per-shard", type=int, metavar="N", help="when the manifest does not say")
+    plan.add_argument("--images", type=int, metavar="N", help="the dataset's size, instead of counting it")
+
     prismer = sub.add_parser(
         "import-prismer-tables", help="convert Prismer's CLIP-PCA tables (dataset/*.pt, clip_pca.pkl)"
     )
@@ -374,24 +394,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if summary.has_failures else EXIT_OK
 
 
+SUMMARY_SHARD_LINES = 30  # per-shard lines of a run's summary; `status` lists every shard
+
+
 def format_summary(summary: RunSummary) -> str:
+    results = summary.results
     lines = [
         f"labels written to {summary.output}/shards/",
-        f"shards: {len(summary.results)} labelled, {summary.shards_skipped} already done, "
+        f"shards: {len(results)} labelled, {summary.shards_skipped} already done, "
         f"{len(summary.failed_shards)} failed (of {summary.shards_total})",
         "",
         f"{'shard':<12}{'samples':>8}{'ok':>6}{'failed':>8}  experts (ok/failed)",
     ]
-    for result in summary.results:
+    for result in results[:SUMMARY_SHARD_LINES]:
         record = result.record
         experts = " ".join(f"{t}={e['ok']}/{e['failed']}" for t, e in record["experts"].items())
         lines.append(
             f"{record['shard']:<12}{record['samples']:>8}{record['ok']:>6}{record['failed']:>8}  {experts}"
         )
+    if len(results) > SUMMARY_SHARD_LINES:
+        ok = sum(r.record["ok"] for r in results)
+        more = len(results) - SUMMARY_SHARD_LINES
+        lines.append(f"… {more} more shards (`label-pipeline status` lists them)")
+        lines.append(f"{'all':<12}{summary.samples:>8}{ok:>6}{summary.samples - ok:>8}")
     missing = set(summary.missing_inputs)
-    for shard_id, error in summary.failed_shards.items():
-        if error != "input shard missing":
-            lines.append(f"{shard_id:<12} FAILED: {error}")
+    failed = [(s, e) for s, e in summary.failed_shards.items() if e != "input shard missing"]
+    for shard_id, error in failed[:SUMMARY_SHARD_LINES]:
+        lines.append(f"{shard_id:<12} FAILED: {error}")
+    if len(failed) > SUMMARY_SHARD_LINES:
+        more = len(failed) - SUMMARY_SHARD_LINES
+        lines.append(f"… {more} more failed shards (`label-pipeline status --failures`)")
     if missing:
         lines.append(f"{len(missing)} input shards missing, recorded as failed (first: {min(missing)})")
     if summary.skipped_with_failures:
@@ -652,6 +684,75 @@ def cmd_export_prismer(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if summary.incomplete else EXIT_OK
 
 
+PLAN_EPILOG = """examples:
+  label-pipeline plan cc12m --gpus 8                               # relative costs recorded in the docs
+  label-pipeline plan cc12m --gpus 64 --stats labels/cc3m/stats/ray-20261201T101500Z-1a2b3c4d.json
+  label-pipeline plan coco --gpus 8 --stats gpu_check/gpu_check.json --images 123287
+
+Variables the manifest uses but the environment lacks (${DATA_ROOT}, …) stand for themselves: only
+the shard pattern is read, not the files.
+
+exit codes:
+  0  plan printed
+  2  bad manifest or stats file, an expert without a measured throughput, or the size unknown
+"""
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Replicas per expert and the predicted wall time for a dataset (``ray_planner.project``)."""
+    from label_pipeline.runners import ray_planner
+
+    manifest = load_manifest(args.manifest, env=_UnsetVariables())
+    if args.experts:
+        manifest = manifest.with_experts(args.experts)
+    tasks = [request.task for request in manifest.experts]
+    cpu_seconds, where = None, ray_planner.RECORDED_SOURCE
+    seconds = dict(ray_planner.RECORDED_SECONDS_PER_IMAGE)
+    if args.stats:
+        seconds, cpu_seconds, where = ray_planner.seconds_from_stats(_read_json(args.stats))
+    missing = [task for task in tasks if task not in seconds]
+    if missing:
+        raise ConfigError(f"no measured throughput for {missing} in {args.stats or where}")
+    if args.images is not None:
+        size = ray_planner.DatasetSize(args.images, 1, "--images")
+    else:
+        size = ray_planner.dataset_size(manifest.source, args.samples_per_shard)
+    wanted = {task: seconds[task] for task in tasks}
+    projection = ray_planner.project(wanted, args.gpus, size.images, args.cpus, cpu_seconds)
+    print(ray_planner.format_projection(projection, size, where, manifest.name))
+    return EXIT_OK
+
+
+class _UnsetVariables(dict[str, str]):
+    """The environment, where an unset ``${VAR}`` stands for itself (``plan`` reads no input)."""
+
+    def __init__(self) -> None:
+        import os
+
+        super().__init__(os.environ)
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> str:
+        return "${" + key + "}"
+
+
+def _read_json(url: str) -> dict[str, object]:
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--stats {url}: cannot read it as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--stats {url}: not a statistics file")
+    return data
+
+
 COMMANDS = {
     "run": cmd_run,
     "status": cmd_status,
@@ -660,6 +761,7 @@ COMMANDS = {
     "report": cmd_report,
     "weights": cmd_weights,
     "experts": cmd_experts,
+    "plan": cmd_plan,
     "import-prismer-tables": cmd_import_prismer_tables,
     "fit-pca": cmd_fit_pca,
     "export-prismer": cmd_export_prismer,

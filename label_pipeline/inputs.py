@@ -12,8 +12,8 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import fsspec
 
@@ -25,21 +25,24 @@ logger = logging.getLogger(__name__)
 _ETAG_KEYS = ("ETag", "etag", "md5Hash", "generation", "version_id", "VersionId")
 
 
-@dataclass(frozen=True)
-class FileStat:
-    """A cheap change detector for one file: its size plus mtime_ns (local) or etag (object stores)."""
+class FileStat(NamedTuple):
+    """A cheap change detector for one file: its size plus mtime_ns (local) or etag (object stores).
+
+    A tuple, not a dataclass: planning builds one per listed file, hundreds of thousands per rerun.
+    """
 
     size: int
     mtime_ns: int | None = None
     etag: str | None = None
 
     def as_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"size": self.size}
         if self.etag is not None:
-            record["etag"] = self.etag
-        else:
-            record["mtime_ns"] = self.mtime_ns
-        return record
+            return {"size": self.size, "etag": self.etag}
+        return {"size": self.size, "mtime_ns": self.mtime_ns}
+
+
+# FileStat(...) goes through a Python-level __new__; a listing of 10^5 files builds them in C instead.
+_new_stat = partial(tuple.__new__, FileStat)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -52,19 +55,12 @@ def list_folder(
 ) -> dict[str, FileStat | None]:
     """Basename → stat of every plain file directly in ``folder`` (empty when it does not exist).
 
-    Locally a stat costs a system call per file: ``stat`` (a predicate on the name) limits them to
-    the files whose size and mtime matter; the others map to None (present, not stat-ed).
+    Object stores return size and etag with the listing (one request per page of 1,000 names).
+    Locally a stat costs a system call per file: ``stat`` (a predicate on the name) limits them to the
+    files whose size and mtime matter; the others map to None (present, not stat-ed).
     """
     if is_local(fs):
-        try:
-            with os.scandir(folder) as entries:
-                return {
-                    entry.name: _local_stat(entry) if stat is None or stat(entry.name) else None
-                    for entry in entries
-                    if entry.is_file()
-                }
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
+        return _list_local(folder, stat)
     try:
         listing = fs.ls(folder, detail=True)
     except FileNotFoundError:
@@ -76,9 +72,39 @@ def list_folder(
     }
 
 
-def _local_stat(entry: os.DirEntry) -> FileStat:
-    result = entry.stat()
-    return FileStat(result.st_size, mtime_ns=result.st_mtime_ns)
+def _list_local(folder: str, stat: Callable[[str], bool] | None) -> dict[str, FileStat | None]:
+    try:
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    listed: dict[str, FileStat | None] = {}
+    try:  # entries of a listing by descriptor are stat-ed relative to it: no path walk per file
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not entry.is_file():
+                    continue
+                name = entry.name
+                if stat is None or stat(name):
+                    result = entry.stat()
+                    listed[name] = _new_stat((result.st_size, result.st_mtime_ns, None))
+                else:
+                    listed[name] = None
+    finally:
+        os.close(directory)
+    return listed
+
+
+def list_names(fs: fsspec.AbstractFileSystem, folder: str) -> set[str]:
+    """Names of the files and sub-folders directly in ``folder``: one listing, no stat."""
+    if is_local(fs):
+        try:
+            return set(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+    try:
+        return {str(name).rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
+    except FileNotFoundError:
+        return set()
 
 
 def remote_stat(info: Mapping[str, Any]) -> FileStat:
@@ -90,17 +116,20 @@ def remote_stat(info: Mapping[str, Any]) -> FileStat:
 
 
 def stat_files(urls: Iterable[str]) -> dict[str, FileStat | None]:
-    """URL → stat (None when missing), listing each distinct parent folder once."""
-    by_folder: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    """URL → stat (None when missing), listing each distinct parent folder once.
+
+    Only the files asked for are stat-ed: an img2dataset folder also holds a Parquet and a stats
+    json per shard, and a stat costs a system call locally.
+    """
+    by_folder: dict[str, list[str]] = defaultdict(list)
     for url in urls:
-        folder, _, name = url.rpartition("/")
-        by_folder[folder].append((url, name))
+        by_folder[url.rpartition("/")[0]].append(url)
     stats: dict[str, FileStat | None] = {}
     for folder, members in by_folder.items():
         fs, path = fsspec.core.url_to_fs(folder or ".")  # resolved once per folder, not per file
-        listing = list_folder(fs, path)
-        for url, name in members:
-            stats[url] = listing.get(name)
+        names = [url[len(folder) + 1 :] if folder else url for url in members]
+        listing = list_folder(fs, path, set(names).__contains__)
+        stats.update(zip(members, map(listing.get, names)))
     return stats
 
 
@@ -118,7 +147,7 @@ def input_identities(source: Source, shards: Sequence[InputShard]) -> dict[str, 
     if reads_files(source):
         stats = stat_files(shard.location for shard in shards)
         return {
-            shard.shard_id: (stat.as_record() if (stat := stats[shard.location]) else None)
+            shard.shard_id: None if (stat := stats[shard.location]) is None else stat.as_record()
             for shard in shards
         }
     assert isinstance(source, ChunkedSource)
@@ -164,12 +193,11 @@ def overlap(output: str, input_files: Iterable[str], input_trees: Iterable[str])
     the output either, or the next listing would read labels as images.
     """
     out = _normalised(output)
-    folders: dict[str, str] = {}
-    for url in input_files:  # a file is inside the output iff its folder is: normalise each folder once
-        folders.setdefault(url.rpartition("/")[0] or ".", url)
-    for folder, url in folders.items():
-        if _inside(_normalised(folder), out):
-            return url
+    files = list(input_files)
+    # a file is inside the output iff its folder is: normalise each distinct folder once
+    for folder in dict.fromkeys(url.rpartition("/")[0] for url in files):
+        if _inside(_normalised(folder or "."), out):
+            return next(url for url in files if url.rpartition("/")[0] == folder)
     for url in input_trees:
         tree = _normalised(url)
         if _inside(tree, out) or _inside(out, tree):

@@ -11,8 +11,8 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,20 +45,35 @@ class ExpertHandle(Protocol):
 
 @dataclass
 class WorkItem:
-    """A sample on its way to the output: its members (suffix → bytes) and its json metadata."""
+    """A sample on its way to the output: its members (suffix → bytes) and its json metadata.
+
+    ``encodes`` are its labels still being encoded in a pool (task → future members), ``pending_bytes``
+    the bytes of those labels' arrays; ``to_members`` waits for them.
+    """
 
     key: str
     members: dict[str, bytes]
     meta: dict[str, Any]
     image: DecodedImage | None = None
     labels: dict[str, Label] = field(default_factory=dict)
+    encodes: list[tuple[str, Future[dict[str, bytes]]]] = field(default_factory=list)
+    pending_bytes: int = 0
 
     @property
     def pixel_bytes(self) -> int:
         """Bytes of the decoded image this item holds (0 once labelled, or when it failed to decode)."""
         return self.image.array.nbytes if self.image is not None else 0
 
+    def add_label_members(self, task: str, encoded: Mapping[str, bytes]) -> None:
+        for ext, data in encoded.items():
+            self.members[f"{task}.{ext}"] = data
+
     def to_members(self) -> list[Member]:
+        """The sample's tar members, once every pending label encoding has finished."""
+        for task, encoded in self.encodes:
+            self.add_label_members(task, encoded.result())
+        self.encodes.clear()
+        self.pending_bytes = 0
         self.members["json"] = encode_json(self.meta)
         return [(f"{self.key}.{suffix}", data) for suffix, data in self.members.items()]
 
@@ -225,6 +240,7 @@ class _Call:
     task: str
     items: list[WorkItem]
     result: Future[list[Label]]
+    encoder: Executor | None  # where its labels are encoded (None: at once, in this thread)
 
 
 class Labeler:
@@ -235,6 +251,9 @@ class Labeler:
     awaited, so an executor may run them at once); a batch that raises is retried one sample at a time
     (only the failing sample records the error), and one that runs out of memory in halves, with
     that expert's later batches halved too, down to 1.
+
+    Labels are encoded as they arrive: in this thread, or, given an ``encoder`` pool, in the pool
+    (``WorkItem.to_members`` collects them, in sample order), so encoding overlaps the next batches.
     """
 
     def __init__(self, experts: ExpertExecutor | Mapping[str, ExpertHandle]) -> None:
@@ -248,8 +267,11 @@ class Labeler:
         """Images decoded and labelled together: enough for the largest forward batch."""
         return max(self.batch_sizes.values())
 
-    def label(self, items: Sequence[WorkItem], tasks: Sequence[str] | None = None) -> None:
-        """Compute ``tasks`` (default: all) for the decoded items, in dependency order."""
+    def label(
+        self, items: Sequence[WorkItem], tasks: Sequence[str] | None = None, encoder: Executor | None = None
+    ) -> None:
+        """Compute ``tasks`` (default: all) for the decoded items, in dependency order; labels are
+        encoded in ``encoder`` when given (see ``WorkItem.encodes``)."""
         wanted = [task for task in self.specs if tasks is None or task in tasks]
         with self.executor.chunk([item.image.array for item in items if item.image is not None]):
             for level in dependency_levels(wanted, self.specs):
@@ -258,7 +280,7 @@ class Labeler:
                         drop_task(item, task)
                 ready = [item for item in items if item.image is not None]
                 calls = [
-                    self._submit(task, part)
+                    self._submit(task, part, encoder)
                     for task in level
                     for part in _parts(ready, self.batch_sizes[task])
                 ]
@@ -268,12 +290,12 @@ class Labeler:
         for item in items:
             self._finish(item)
 
-    def _submit(self, task: str, batch: list[WorkItem]) -> _Call | None:
+    def _submit(self, task: str, batch: list[WorkItem], encoder: Executor | None) -> _Call | None:
         deps, runnable = self._dependencies(task, batch)
         if not runnable:
             return None
         images = [item.image.array for item in runnable if item.image is not None]
-        return _Call(task, runnable, self.executor.submit(task, images, deps))
+        return _Call(task, runnable, self.executor.submit(task, images, deps), encoder)
 
     def _settle(self, call: _Call) -> None:
         try:
@@ -282,14 +304,14 @@ class Labeler:
             self._retry(call, exc)
             return
         for item, label in zip(call.items, labels):
-            self._store(call.task, item, label)
+            self._store(call.task, item, label, call.encoder)
 
     def _retry(self, call: _Call, exc: Exception) -> None:
         if len(call.items) == 1:
             self._record_error(call.task, call.items[0], exc)
             return
         for part in _parts(call.items, self._retry_size(call.task, len(call.items), exc)):
-            retry = self._submit(call.task, part)
+            retry = self._submit(call.task, part, call.encoder)
             if retry is not None:
                 self._settle(retry)
 
@@ -321,10 +343,13 @@ class Labeler:
         deps = {dep: [item.labels[dep] for item in runnable] for dep in requires}
         return deps, runnable
 
-    def _store(self, task: str, item: WorkItem, label: Label) -> None:
+    def _store(self, task: str, item: WorkItem, label: Label, encoder: Executor | None) -> None:
         item.labels[task] = label
-        for ext, data in self.executor.encode(task, label).items():
-            item.members[f"{task}.{ext}"] = data
+        if encoder is None:
+            item.add_label_members(task, self.executor.encode(task, label))
+        else:  # the future keeps the label's arrays alive until they are encoded
+            item.encodes.append((task, encoder.submit(self.executor.encode, task, label)))
+            item.pending_bytes += label_nbytes(label)
         item.meta["experts"][task] = {"status": "ok", "fingerprint": self.fingerprints[task]}
 
     def _record_error(self, task: str, item: WorkItem, exc: BaseException) -> None:
@@ -343,6 +368,11 @@ class Labeler:
         item.meta["status"] = "partial" if failed else "ok"
         item.labels.clear()  # labels are encoded; free the arrays
         item.image = None
+
+
+def label_nbytes(label: Label) -> int:
+    """Bytes of a label's arrays (its map and, for array members, its array)."""
+    return sum(array.nbytes for array in (label.map, label.array) if array is not None)
 
 
 def _parts(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
@@ -394,7 +424,9 @@ def dependency_levels(tasks: Sequence[str], specs: Mapping[str, ExpertSpec]) -> 
     return [levels[key] for key in sorted(levels)]
 
 
-def chunked(items: Iterable[Any], size: int, budget: PixelBudget | None = None) -> Iterator[list[Any]]:
+def chunked(
+    items: Iterable[Any], size: int, budget: PixelBudget | None = None
+) -> Generator[list[Any], None, None]:
     """Lists of up to ``size`` items, in order.
 
     With a ``budget`` (items are ``WorkItem``s), each item's decoded bytes are taken from it as the
@@ -405,29 +437,36 @@ def chunked(items: Iterable[Any], size: int, budget: PixelBudget | None = None) 
     """
     stream = iter(items)
     chunk: list[Any] = []
-    chunk_bytes = 0
-    while True:
-        if budget is not None and not budget.has_room():
-            if chunk:
-                yield chunk
-                chunk, chunk_bytes = [], 0
-            if not budget.wait_for_room():
-                return  # the consumer has stopped: decode nothing more
-        try:
-            item = next(stream)
-        except StopIteration:
-            break
-        nbytes = 0
+    chunk_bytes = 0  # taken from the budget for the items of ``chunk``, not handed over yet
+    try:
+        while True:
+            if budget is not None and not budget.has_room():
+                if chunk:
+                    full, chunk, chunk_bytes = chunk, [], 0
+                    yield full
+                if not budget.wait_for_room():
+                    return  # the consumer has stopped: decode nothing more
+            try:
+                item = next(stream)
+            except StopIteration:
+                break
+            nbytes = 0
+            if budget is not None:
+                nbytes = item.pixel_bytes
+                budget.take(nbytes)
+            if budget is not None and chunk and chunk_bytes + nbytes > budget.chunk_limit:
+                full, chunk, chunk_bytes = chunk, [item], nbytes
+                yield full
+            else:
+                chunk.append(item)
+                chunk_bytes += nbytes
+            if len(chunk) >= size or (budget is not None and chunk_bytes >= budget.chunk_limit):
+                full, chunk, chunk_bytes = chunk, [], 0
+                yield full
+        if chunk:
+            full, chunk, chunk_bytes = chunk, [], 0
+            yield full
+    except BaseException:  # reading failed (or stopped): what was not handed over is given back
         if budget is not None:
-            nbytes = item.pixel_bytes
-            budget.take(nbytes)
-            if chunk and chunk_bytes + nbytes > budget.chunk_limit:
-                yield chunk
-                chunk, chunk_bytes = [], 0
-        chunk.append(item)
-        chunk_bytes += nbytes
-        if len(chunk) >= size or (budget is not None and chunk_bytes >= budget.chunk_limit):
-            yield chunk
-            chunk, chunk_bytes = [], 0
-    if chunk:
-        yield chunk
+            budget.release(chunk_bytes)
+        raise

@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any
 
 import fsspec
@@ -27,10 +28,22 @@ import pyarrow.parquet as pq
 from label_pipeline.core.format import encode_json
 from label_pipeline.core.tario import HashingWriter, Member, write_tar
 from label_pipeline.core.timestamps import utc_now
-from label_pipeline.inputs import FileStat, is_local, list_folder, remote_stat
+from label_pipeline.done_index import (
+    DoneEntry,
+    Key,
+    done_key,
+    encode_index,
+    entry_of,
+    gc_paused,
+    mismatch,
+    parse_index,
+)
+from label_pipeline.inputs import FileStat, is_local, list_folder, list_names, remote_stat
 
 logger = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # 2: done-records carry tar/records stats and the input's identity
+# 2: done-records carry tar/records stats and the input's identity; 3: label PNGs use zlib's RLE
+# strategy (core/format.py), and each done-record names the version that wrote it
+FORMAT_VERSION = 3
 RECORD_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -41,6 +54,10 @@ RECORD_SCHEMA = pa.schema(
         ("label_bytes", pa.int64()),
     ]
 )
+
+
+# One listing each of shards/ and records/: basename → size and mtime/etag (None: not stat-ed).
+Listing = tuple[dict[str, FileStat | None], dict[str, FileStat | None]]
 
 
 class OutputLocked(RuntimeError):
@@ -89,13 +106,22 @@ class OutputStore:
     def lock_path(self) -> str:
         return f"{self.root}/_lock"
 
-    def prepare(self) -> None:
-        """Create the layout and delete temp files of runs that died (safe: we hold the lock)."""
+    def prepare(self) -> Listing:
+        """Create the layout and delete temp files of runs that died (safe: we hold the lock).
+
+        Returns the listing of ``shards/`` and ``records/`` it looked through (temp files left out),
+        for the planning that follows: a rerun lists each folder once (``committed_entries``).
+        """
         for sub in ("shards", "records", "stats"):
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
-            for leftover in self.fs.glob(f"{self.root}/{sub}/*.tmp-*"):
-                logger.info("removing %s left by an interrupted run", leftover)
-                self.fs.rm(leftover)
+        tars, records = self.listing()
+        stats = dict.fromkeys(list_names(self.fs, f"{self.root}/stats"))
+        for sub, names in (("shards", tars), ("records", records), ("stats", stats)):
+            for name in sorted(name for name in names if ".tmp-" in name):
+                logger.info("removing %s/%s/%s left by an interrupted run", self.root, sub, name)
+                self._remove_quietly(f"{self.root}/{sub}/{name}")
+                del names[name]
+        return tars, records
 
     # -- atomic writes ---------------------------------------------------------------------------
     def write_shard(self, shard_id: str, samples: Iterable[Iterable[Member]]) -> ShardWrite:
@@ -191,8 +217,9 @@ class OutputStore:
     def done_record(self, shard_id: str) -> dict[str, Any] | None:
         """The shard's done-record if the tar and records on disk still match it, else None."""
         record = self.read_json(self.done_path(shard_id))
+        entry = entry_of(shard_id, record)
         tar, records = self._stat(self.shard_path(shard_id)), self._stat(self.records_path(shard_id))
-        return record if _commit_mismatch(shard_id, record, tar, records) is None else None
+        return record if entry is not None and mismatch(entry, tar, records) is None else None
 
     def _stat(self, path: str) -> FileStat | None:
         try:
@@ -203,77 +230,163 @@ class OutputStore:
         except FileNotFoundError:
             return None
 
-    def listing(self) -> tuple[dict[str, FileStat | None], dict[str, FileStat | None]]:
-        """One listing each of ``shards/`` and ``records/``: basename → size and mtime/etag
-        (None for files whose presence is all that matters: done-records, failure records)."""
+    def listing(self) -> Listing:
+        """One listing each of ``shards/`` and ``records/``: basename → size and mtime/etag (None for
+        files whose presence is all that matters: failure records, the caches, temp files)."""
         return (
-            list_folder(self.fs, f"{self.root}/shards", lambda name: name.endswith(".tar")),
+            list_folder(self.fs, f"{self.root}/shards", _stat_in_shards),
             list_folder(self.fs, f"{self.root}/records", _stat_in_records),
         )
 
-    def committed(
-        self, shard_ids: Iterable[str], save_index: bool = False
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        """(done-records that the files on disk still match, {shard: why not} for the others).
-
-        Costs one listing of ``shards/`` and ``records/``, one read of the done-record index, and a
-        read of each done-record the index does not hold as it is on disk; no tar or Parquet file is
-        opened. A shard without a done-record is in neither result. ``save_index`` (lock holders
-        only) rewrites the index when it was out of date.
-        """
-        tars, records = self.listing()
-        index = self._read_index()
-        fresh: dict[str, Any] = {}
-        done: dict[str, dict[str, Any]] = {}
-        damaged: dict[str, str] = {}
-        for shard_id in shard_ids:
-            name = f"{shard_id}.done.json"
-            if name not in records:
-                continue
-            record = self._indexed_record(index, shard_id, records[name], fresh)
-            problem = _commit_mismatch(
-                shard_id, record, tars.get(f"{shard_id}.tar"), records.get(f"{shard_id}.parquet")
-            )
-            if problem is None:
-                done[shard_id] = record
-            else:
-                damaged[shard_id] = problem
-        if save_index and fresh:
-            self._write_index(index, fresh, records)
-        return done, damaged
-
-    # The index is a cache of done-records, each entry valid only while its done-record file has
-    # the size and mtime/etag stored with it: a rerun over 100k done shards reads one file, not 100k.
+    # Planning and the readers (status, report, export) decide what is committed (docs/FORMAT.md,
+    # "What done means", checks 1-3) from one listing each of shards/ and records/. Two caches spare
+    # them a read per done-record: _done_index.json holds the fields planning needs, _done_records.json
+    # whole done-records for the readers. A cache row is used only while the done-record file it was
+    # taken from is listed with the same size and mtime/etag (``done_key``).
     @property
     def index_path(self) -> str:
         return f"{self.root}/records/_done_index.json"
 
-    def _read_index(self) -> dict[str, Any]:
-        index = self.read_json(self.index_path)
-        entries = index.get("entries") if isinstance(index, dict) and index.get("version") == 1 else None
-        return entries if isinstance(entries, dict) else {}
+    @property
+    def records_cache_path(self) -> str:
+        return f"{self.root}/records/_done_records.json"
 
-    def _indexed_record(
-        self, index: dict[str, Any], shard_id: str, stat: FileStat | None, fresh: dict[str, Any]
-    ) -> Any:
-        entry = index.get(shard_id)
-        key = stat.as_record() if stat is not None else None
-        if isinstance(entry, dict) and key is not None and entry.get("stat") == key:
-            return entry.get("record")
-        record = self.read_json(self.done_path(shard_id))
-        if key is not None and isinstance(record, dict):
-            fresh[shard_id] = {"stat": key, "record": record}
-        return record
+    def committed_entries(
+        self, shard_ids: Iterable[str], save_index: bool = False, listing: Listing | None = None
+    ) -> tuple[dict[str, DoneEntry], dict[str, str]]:
+        """What planning needs: ({shard: entry} of done-records the files still match, {shard: why
+        not} for the others); a shard without a done-record is in neither.
 
-    def _write_index(
-        self, index: dict[str, Any], fresh: dict[str, Any], records: dict[str, FileStat | None]
+        Costs one listing of ``shards/`` and ``records/``, one read of ``_done_index.json`` and one
+        read per done-record that the index does not hold as listed; no tar or Parquet file is opened.
+        ``save_index`` (lock holders only) rewrites the index when it was out of date. ``listing``: the
+        one ``prepare`` just made (nothing was written to the two folders since), else one is made.
+        """
+        tars, records = listing or self.listing()
+        index = self._read_cache(self.index_path, parse_index)
+        at = 1 if self.local else 2  # the FileStat field a recorded change is in: mtime_ns or etag
+        fresh: dict[str, tuple[Key, dict[str, Any]]] = {}  # done-records read: for both caches
+        done: dict[str, DoneEntry] = {}
+        damaged: dict[str, str] = {}
+        for shard_id in shard_ids:
+            stat = records.get(f"{shard_id}.done.json")
+            if stat is None:
+                continue
+            tar, parquet = tars.get(f"{shard_id}.tar"), records.get(f"{shard_id}.parquet")
+            row = index.get(shard_id)
+            if row is not None and tar is not None and parquet is not None:
+                # The common case, spelled out (it runs 10^5 times): the done-record, tar and Parquet
+                # file are listed exactly as indexed, so checks 1-3 hold as they did then.
+                (size, changed), entry = row
+                if (
+                    stat[0] == size
+                    and stat[at] == changed
+                    and tar[0] == entry[0]
+                    and tar[at] == entry[1]
+                    and parquet[0] == entry[2]
+                    and parquet[at] == entry[3]
+                ):
+                    done[shard_id] = entry
+                    continue
+            # Not indexed as listed, or the files differ from the indexed row (a row of an older
+            # version of the file, damage, a record older than format 2): the done-record decides.
+            key = done_key(stat)
+            if row is not None and key is not None and row[0] == key and not mismatch(row[1], tar, parquet):
+                done[shard_id] = row[1]
+                continue
+            record = self.read_json(self.done_path(shard_id))
+            entry = entry_of(shard_id, record)
+            if record is not None and entry is not None and key is not None and row != (key, entry):
+                fresh[shard_id] = (key, record)
+            problem = "done-record unreadable" if entry is None else mismatch(entry, tar, parquet)
+            if entry is not None and problem is None:
+                done[shard_id] = entry
+            else:
+                damaged[shard_id] = str(problem)
+        if save_index and fresh:
+            self._save_caches(fresh, records, index=index)
+        return done, damaged
+
+    def committed(
+        self, shard_ids: Iterable[str], save_index: bool = False
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """(whole done-records that the files on disk still match, {shard: why not} for the others).
+
+        The readers' view (status, report, export): the same checks as ``committed_entries``, with
+        ``_done_records.json`` in place of the planning index. ``save_index`` (lock holders only)
+        rewrites both caches when either was out of date (a run calls it once, at its end).
+        """
+        tars, records = self.listing()
+        cache = self._read_cache(self.records_cache_path, _parse_records_cache)
+        fresh: dict[str, tuple[Key, dict[str, Any]]] = {}
+        done: dict[str, dict[str, Any]] = {}
+        damaged: dict[str, str] = {}
+        for shard_id in shard_ids:
+            stat = records.get(f"{shard_id}.done.json")
+            if stat is None:
+                continue
+            key = done_key(stat)
+            tar, parquet = tars.get(f"{shard_id}.tar"), records.get(f"{shard_id}.parquet")
+            row = cache.get(shard_id)
+            if row is not None and key is not None and row[0] == key:
+                entry = entry_of(shard_id, row[1])
+                if entry is not None and not mismatch(entry, tar, parquet):
+                    done[shard_id] = row[1]
+                    continue
+            record = self.read_json(self.done_path(shard_id))
+            if isinstance(record, dict) and key is not None and row != (key, record):
+                fresh[shard_id] = (key, record)
+            entry = entry_of(shard_id, record)
+            problem = "done-record unreadable" if entry is None else mismatch(entry, tar, parquet)
+            if record is not None and problem is None:
+                done[shard_id] = record
+            else:
+                damaged[shard_id] = str(problem)
+        if save_index and fresh:
+            self._save_caches(fresh, records, cache=cache)
+        return done, damaged
+
+    def _save_caches(
+        self,
+        fresh: dict[str, tuple[Key, dict[str, Any]]],
+        listed: dict[str, FileStat | None],
+        index: dict[str, tuple[Key, DoneEntry]] | None = None,
+        cache: dict[str, tuple[Key, dict[str, Any]]] | None = None,
     ) -> None:
-        entries = {sid: e for sid, e in index.items() if f"{sid}.done.json" in records}
-        entries.update(fresh)
+        """Add the done-records just read to both caches (rows of other listed shards are kept), so
+        that whichever reads next, a planning run or ``status``, reads one file."""
+        if index is None:
+            index = self._read_cache(self.index_path, parse_index)
+        if cache is None:
+            cache = self._read_cache(self.records_cache_path, _parse_records_cache)
+        entries = dict(index)
+        for shard_id, (key, record) in fresh.items():
+            entry = entry_of(shard_id, record)
+            if entry is not None:
+                entries[shard_id] = (key, entry)
+        whole = _still_listed({**cache, **fresh}, listed)
+        content = {
+            "version": 1,
+            "key": {shard: key for shard, (key, _) in whole.items()},
+            "records": {shard: record for shard, (_, record) in whole.items()},
+        }
+        self._write_cache(self.records_cache_path, content)
+        self._write_cache(self.index_path, encode_index(_still_listed(entries, listed)))
+
+    def _read_cache(self, path: str, parse: Callable[[bytes | None], dict[str, Any]]) -> dict[str, Any]:
         try:
-            self.write_bytes_atomic(self.index_path, encode_json({"version": 1, "entries": entries}))
+            if self.local:  # plain I/O: fsspec's per-call overhead is not worth paying here
+                with open(path, "rb") as handle:
+                    return parse(handle.read())
+            return parse(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return {}
+
+    def _write_cache(self, path: str, content: dict[str, Any]) -> None:
+        try:
+            self.write_bytes_atomic(path, encode_json(content))
         except OSError as exc:  # only a cache: a full disk here must not fail the run
-            logger.warning("could not update the done-record index %s: %s", self.index_path, exc)
+            logger.warning("could not update the done-record cache %s: %s", path, exc)
 
     def done_shards(self) -> dict[str, dict[str, Any]]:
         """Every done-record present (not checked against the tars; see ``done_record``)."""
@@ -402,9 +515,35 @@ class OutputStore:
             self._remove_quietly(self.lock_path)
 
 
-def _stat_in_records(name: str) -> bool:
-    """Which files of ``records/`` planning needs the size and mtime of."""
-    return name.endswith((".parquet", ".done.json"))
+# Which listed files planning needs the size and mtime of (C-level predicates: one call per file).
+_stat_in_shards = methodcaller("endswith", ".tar")
+_stat_in_records = methodcaller("endswith", (".parquet", ".done.json"))
+
+
+def _still_listed(rows: dict[str, Any], records: dict[str, FileStat | None]) -> dict[str, Any]:
+    """The cache rows whose done-record is still there (a deleted one must not linger)."""
+    return {shard: row for shard, row in rows.items() if f"{shard}.done.json" in records}
+
+
+def _parse_records_cache(raw: bytes | None) -> dict[str, tuple[Key, dict[str, Any]]]:
+    """shard id → (key, whole done-record) of ``_done_records.json``; empty when it is not valid."""
+    if not raw:
+        return {}
+    with gc_paused():
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return {}
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return {}
+    keys, records = data.get("key"), data.get("records")
+    if not isinstance(keys, dict) or not isinstance(records, dict):
+        return {}
+    return {
+        shard: ((keys[shard][0], keys[shard][1]), record)  # JSON has no tuples: [size, change]
+        for shard, record in records.items()
+        if isinstance(keys.get(shard), list) and len(keys[shard]) == 2
+    }
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -416,30 +555,6 @@ def _same_file(fd: int, path: str) -> bool:
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace").strip()
-
-
-def _commit_mismatch(
-    shard_id: str, record: Any, tar: FileStat | None, records: FileStat | None
-) -> str | None:
-    """Why the files on disk are not what the done-record vouches for (None: they are)."""
-    if not isinstance(record, dict) or record.get("shard") != shard_id or "bytes" not in record:
-        return "done-record unreadable"
-    problem = _stat_mismatch("tar", tar, {"bytes": record["bytes"], **record.get("tar_stat", {})})
-    if problem is None and "records" in record:
-        problem = _stat_mismatch("records", records, record["records"])
-    return problem
-
-
-def _stat_mismatch(what: str, stat: FileStat | None, expected: dict[str, Any]) -> str | None:
-    if stat is None:
-        return f"{what} missing"
-    if stat.size != expected.get("bytes"):
-        return f"{what} has {stat.size} bytes, the done-record says {expected.get('bytes')}"
-    if "mtime_ns" in expected and stat.mtime_ns is not None and stat.mtime_ns != expected["mtime_ns"]:
-        return f"{what} was modified after it was committed"
-    if "etag" in expected and stat.etag is not None and stat.etag != expected["etag"]:
-        return f"{what} was replaced after it was committed"
-    return None
 
 
 def _holder_alive(holder: dict[str, Any]) -> bool:

@@ -37,6 +37,9 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
+    """What a run did, in per-shard counters: each labelled shard's done-record (``ShardResult``),
+    never per-sample rows, which are in each shard's Parquet records; a long run stays flat in memory."""
+
     output: str
     shards_total: int
     shards_skipped: int
@@ -238,12 +241,12 @@ def prepare_run(
     store.acquire_lock(force=options.force_unlock)
     log = None
     try:
-        store.prepare()
+        listing = store.prepare()  # planning below reuses this listing of shards/ and records/
         log = RunLog(store.url)
         run_record = _run_record(manifest, source_id, experts, previous)
         store.write_run(run_record)
         write_run_tables(store.url, manifest.experts, run_record["experts"])  # OUT/embeddings/
-        plans, done = plan_shards(inputs.present, store, fingerprints, inputs.identities)
+        plans, done = plan_shards(inputs.present, store, fingerprints, inputs.identities, listing)
         for shard in missing:
             store.write_failed(shard.shard_id, f"input shard missing: {shard.location}")
     except BaseException:
@@ -253,7 +256,7 @@ def prepare_run(
         raise
     summary = RunSummary(store.url, len(shards), len(done), missing_inputs=[s.location for s in missing])
     summary.failed_shards.update({shard.shard_id: "input shard missing" for shard in missing})
-    summary.skipped_with_failures = sum(bool(r.get("failed") or r.get("input_error")) for r in done.values())
+    summary.skipped_with_failures = sum(entry.has_failures for entry in done.values())
     logger.info(
         "%d shards: %d done already, %d to label (%d incremental)",
         len(shards),

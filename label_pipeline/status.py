@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from label_pipeline.config import ConfigError, SourceConfig
 from label_pipeline.download import DownloadSummary, format_download_summary, read_download_summary
-from label_pipeline.inputs import input_identities, list_folder
+from label_pipeline.inputs import input_identities, list_names
 from label_pipeline.output import OutputStore
 from label_pipeline.run_stats import latest_stats
 from label_pipeline.sources import InputShard, Source, build_source
@@ -59,7 +59,7 @@ def output_status(root: str, count_source: bool = True) -> OutputStatus:
     run = store.read_run()
     if not isinstance(run, dict):
         raise ConfigError(f"{root} is not a label-pipeline output (no readable _run.json)")
-    names = list_folder(store.fs, f"{store.root}/records")
+    names = list_names(store.fs, f"{store.root}/records")  # names only: committed stats what it checks
     done, damaged = store.committed(
         sorted(n[: -len(".done.json")] for n in names if n.endswith(".done.json"))
     )

@@ -106,25 +106,11 @@ for _name, _cls in [
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """An S3 endpoint on 127.0.0.1 (moto), with credentials in the environment Ray workers inherit."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    server.stop()
+    pytest.importorskip("moto.server")
+    from s3_server import s3_server
+
+    with s3_server() as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -403,13 +389,15 @@ def test_planner_grows_the_bottleneck_within_the_gpus():
     for task, rate in {"depth": 10.0, "edge": 100.0, "ocr_detection": 25.0}.items():
         placements[task].images_per_s = rate
     plan = plan_replicas(placements, config, gpus=4, cpus=16, chunk_size=8, cpu_seconds_per_image=0.001)
-    # depth grows to 3 replicas (30 img/s; the GPUs left after edge's quarter allow 3), then ocr, now the
-    # slowest at 25 img/s, gets a second CPU replica; then depth is the bottleneck and cannot grow
-    assert plan.experts["depth"].replicas == 3 and plan.experts["edge"].replicas == 1
+    # depth grows by eighths of a card to all 3.75 GPUs left after edge's quarter (37.5 img/s) in
+    # replicas of 1, 1, 1, 1/2 and 1/4 card; ocr, the slowest on the way at 25 img/s, gets a second
+    # CPU replica; then depth is the bottleneck and cannot grow
+    assert plan.experts["depth"].shares == [1.0, 1.0, 1.0, 0.5, 0.25] and plan.experts["depth"].replicas == 5
+    assert plan.experts["edge"].replicas == 1 and plan.experts["edge"].shares == [0.25]
     assert plan.experts["ocr_detection"].replicas == 2 and plan.bottleneck == "depth"
-    assert plan.predicted_images_per_s == pytest.approx(30.0)
-    assert plan.shards_in_flight >= 2 * 3 + 1  # >= 2 batches queued for each depth replica
-    assert "predicted" in plan.describe()
+    assert plan.predicted_images_per_s == pytest.approx(37.5)
+    assert plan.shards_in_flight >= 2 * 5 + 1  # >= 2 batches queued for each depth replica
+    assert "predicted" in plan.describe() and "1+1+1+1/2+1/4" in plan.describe()
 
     shared = first_placements({t: p for t, p in profiles.items()}, RayRunnerConfig(), gpus=1, cpus=2)
     assert shared["depth"].num_gpus == shared["edge"].num_gpus == 0.5  # two experts share one card

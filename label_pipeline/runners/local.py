@@ -26,7 +26,7 @@ from label_pipeline.run_stats import (
     utc_created,
     write_stats,
 )
-from label_pipeline.shard_job import run_shard
+from label_pipeline.shard_job import run_shards
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +68,21 @@ def run_local(
 
 
 def _label_shards(prepared: PreparedRun, labeler: Labeler, run: LocalRunMonitor) -> None:
-    decode = prepared.manifest.decode
-    for plan in prepared.plans:
-        shard_id = plan.shard.shard_id
-        try:
-            result = run_shard(plan, prepared.source, prepared.store, labeler, decode)
-        except Exception as exc:  # noqa: BLE001 - one shard fails (recorded), the run goes on
-            # one line on the terminal; the traceback goes to the run's log (or --debug)
-            logger.exception("shard %s failed: %s: %s", shard_id, type(exc).__name__, exc)
-            prepared.summary.failed_shards[shard_id] = f"{type(exc).__name__}: {exc}"
-            prepared.store.write_failed(shard_id, f"{type(exc).__name__}: {exc}")
-            run.shard_done(0)
-            continue
-        prepared.summary.results.append(result)
-        run.shard_done(result.record["samples"])
+    # One pipeline for all shards: the next shards are decoded and labelled while one is committed.
+    shards = run_shards(prepared.plans, prepared.source, prepared.store, labeler, prepared.manifest.decode)
+    with contextlib.closing(shards):
+        for plan, outcome in shards:
+            shard_id = plan.shard.shard_id
+            if isinstance(outcome, Exception):  # one shard fails (recorded), the run goes on
+                # one line on the terminal; the traceback goes to the run's log (or --debug)
+                error = f"{type(outcome).__name__}: {outcome}"
+                logger.error("shard %s failed: %s", shard_id, error, exc_info=outcome)
+                prepared.summary.failed_shards[shard_id] = error
+                prepared.store.write_failed(shard_id, error)
+                run.shard_done(0)
+                continue
+            prepared.summary.results.append(outcome)
+            run.shard_done(outcome.record["samples"])
 
 
 class TimedExecutor:

@@ -91,6 +91,7 @@ class ExpertActor:
             "task": self.task,
             "pid": os.getpid(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "device": str(self.expert.torch_device or "cpu"),
@@ -204,12 +205,36 @@ class RunMonitor:
         self.started, self.stop_requested = time.time(), False
         self.experts = {task: _counters() for task in tasks}
         self.cpu = {"images": 0, "seconds": 0.0}  # shard tasks' CPU time: read, decode, encode, write
+        self.generation, self.replica_sets = 0, None
+        self.acks: dict[str, int] = {}  # shard id → the replica generation it labels with
+        self.queues: dict[str, dict[int, int]] = {task: {} for task in tasks}  # batches sent, not back
+        self.rates: dict[str, dict[int, float]] = {task: {} for task in tasks}  # images/s, recent batches
 
     def stop(self) -> None:
         self.stop_requested = True
 
     def stopping(self) -> bool:
         return self.stop_requested
+
+    def publish(self, generation: int, replica_sets: Any) -> None:
+        """The replicas in service from ``generation`` on (``ray_executor.ReplicaSets``)."""
+        self.generation, self.replica_sets = generation, replica_sets
+
+    def poll(self, shard_id: str, generation: int) -> tuple[bool, int, Any, dict[str, Any]]:
+        """Before each chunk of a shard task: (stop?, the current generation, its replica sets if
+        newer than the task's ``generation``, every replica's queue and recent images/s). The task
+        labels that chunk with the current generation's replicas, which the driver reads back
+        (``acks``) before it retires older ones; queues and rates steer its batches."""
+        newer = self.generation > generation and self.replica_sets is not None
+        self.acks[shard_id] = max(generation, self.generation) if newer else generation
+        loads = {task: (dict(self.queues[task]), dict(self.rates[task])) for task in self.queues}
+        return self.stop_requested, self.generation, self.replica_sets if newer else None, loads
+
+    def sent(self, task: str, replica: int) -> None:
+        """A batch went to ``replica`` (``finished`` says when it came back)."""
+        self.experts[task]["queued"] += 1
+        queue = self.queues.setdefault(task, {})
+        queue[replica] = queue.get(replica, 0) + 1
 
     def add(self, task: str | None, **amounts: float) -> None:
         """Add to ``task``'s counters (or, without a task, to the shard tasks' CPU counters)."""
@@ -222,9 +247,14 @@ class RunMonitor:
     ) -> None:
         c = self.experts[task]
         c["queued"] -= 1
+        queue = self.queues.setdefault(task, {})
+        queue[replica] = max(queue.get(replica, 0) - 1, 0)
         if compute_s is None:
             c["failed_batches"] += 1
             return
+        if compute_s > 0:  # a replica's speed as it is now: beside the other replicas on its card
+            rate, rates = images / compute_s, self.rates.setdefault(task, {})
+            rates[replica] = rate if replica not in rates else 0.7 * rates[replica] + 0.3 * rate
         busy = c["busy_by_replica"]
         if replica in busy:  # not this replica's first batch
             self.add(task, warm_batches=1, warm_images=images, warm_busy_s=compute_s)
@@ -237,4 +267,9 @@ class RunMonitor:
         experts = copy.deepcopy(self.experts)
         for counters in experts.values():
             counters["busy_by_replica"] = {str(r): s for r, s in sorted(counters["busy_by_replica"].items())}
-        return {"elapsed_s": time.time() - self.started, "experts": experts, "cpu": dict(self.cpu)}
+        return {
+            "elapsed_s": time.time() - self.started,
+            "experts": experts,
+            "cpu": dict(self.cpu),
+            "acks": dict(self.acks),
+        }

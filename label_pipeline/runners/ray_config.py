@@ -37,7 +37,7 @@ class RayRunnerConfig:
     quarantine_after: int = _at_least(1, 2)  # actor deaths caused by one sample before it is given up on
     calibration_batches: int = _at_least(0, 2)  # timed batches per expert for the planner (0: no planning)
     calibrate_batch_size: bool | None = None  # None: for experts whose replica runs on CUDA
-    max_replicas: int = _at_least(1, 8)  # per expert, for the planner
+    max_replicas: int = _at_least(1, 64)  # per expert, for the planner
     actor_start_timeout_s: float = _at_least(1, 600.0)
     progress_interval_s: float = _at_least(0.1, 15.0)
     runtime_env: dict[str, Any] = field(default_factory=dict)  # passed to ray.init when joining

@@ -22,7 +22,7 @@ from label_pipeline.run_stats import Throughput, new_run_id, stats_document, utc
 from label_pipeline.runners.ray_planner import Placement, ReplicaPlan
 
 logger = logging.getLogger(__name__)
-REPLICA_FIELDS = ("node", "pid", "gpu_ids", "cuda_visible_devices", "device")
+REPLICA_FIELDS = ("node", "node_id", "pid", "gpu_ids", "cuda_visible_devices", "device")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class ClusterView:
     gpus: float
     cpus: float
     placements: dict[str, Placement]
-    replicas: dict[str, list[dict[str, Any]]]  # task → one ``REPLICA_FIELDS`` dict per replica
+    replicas: dict[str, list[dict[str, Any]]]  # task → one ``REPLICA_FIELDS`` dict per replica in service
+    former: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # retired or lost during the run
 
     def gpu_ids(self, task: str) -> str:
         return ",".join(g for r in self.replicas[task] for g in r.get("gpu_ids", [])) or "cpu"
@@ -94,6 +95,9 @@ class RunStats:
     started: float | None = None
     finished: float | None = None
     shard_retries: int = 0
+    shards_abandoned: int = 0  # re-run without counting an attempt: replicas or nodes were lost
+    connect_s: float | None = None  # joining or starting Ray
+    events: list[dict[str, Any]] = field(default_factory=list)  # plans, replicas in service, nodes
     monitor: dict[str, Any] = field(default_factory=dict)
     throughput: Throughput = field(default_factory=lambda: Throughput(clock=time.time))
 
@@ -104,6 +108,12 @@ class RunStats:
     def add_samples(self, samples: int) -> None:
         """A shard committed ``samples`` samples."""
         self.throughput.add(samples)
+
+    def event(self, name: str, **details: Any) -> None:
+        """Something that changed the run's shape, at seconds since the first shard was submitted."""
+        at = round(time.time() - self.started, 3) if self.started else 0.0
+        labelled = self.monitor.get("cpu", {}).get("images", 0)  # in chunks, committed or not
+        self.events.append({"t": at, "event": name, "samples": self.samples, "labelled": labelled, **details})
 
     def as_dict(self, prepared: PreparedRun, cluster: ClusterView) -> dict[str, Any]:
         elapsed = ((self.finished or time.time()) - self.started) if self.started else 0.0
@@ -121,6 +131,7 @@ class RunStats:
                 "failed": len(prepared.summary.failed_shards),
                 "skipped": prepared.summary.shards_skipped,
                 "retries": self.shard_retries,
+                "abandoned": self.shards_abandoned,
                 "in_flight": self.plan.shards_in_flight if self.plan else None,
             },
             experts={task: self._expert(task, elapsed, cluster) for task in cluster.placements},
@@ -131,16 +142,27 @@ class RunStats:
             else round(predicted, 3),
             bottleneck=self.plan.bottleneck if self.plan else None,
             cpu_stage=self.monitor.get("cpu", {}),
+            started_unix=self.started,  # events' ``t`` count from here
+            connect_s=None if self.connect_s is None else round(self.connect_s, 3),
+            events=self.events,
         )
 
     def _expert(self, task: str, elapsed: float, cluster: ClusterView) -> dict[str, Any]:
         counters = self.monitor.get("experts", {}).get(task, {})
-        replicas = []
-        for index, replica in enumerate(cluster.replicas[task]):
-            busy = counters.get("busy_by_replica", {}).get(str(index), 0.0)
+        entries = []
+        for index, replica in enumerate([*cluster.replicas[task], *cluster.former.get(task, [])]):
+            key = replica.get("id", index)
+            busy = counters.get("busy_by_replica", {}).get(str(key), 0.0)
             fraction = round(busy / elapsed, 4) if elapsed else None
-            replicas.append({"replica": index, **replica, "busy_s": busy, "busy_fraction": fraction})
-        return {"placement": asdict(cluster.placements[task]), **counters, "replicas": replicas}
+            entries.append({"replica": key, **replica, "busy_s": busy, "busy_fraction": fraction})
+        running = [e for e in entries if e.get("state", "running") == "running"]
+        former = [e for e in entries if e.get("state", "running") != "running"]
+        return {
+            "placement": asdict(cluster.placements[task]),
+            **counters,
+            "replicas": running,
+            "former_replicas": former,
+        }
 
     def write(self, prepared: PreparedRun, cluster: ClusterView) -> None:
         if not prepared.plans:
