@@ -47,6 +47,7 @@ def s3_server() -> Iterator[tuple[str, CountingApp]]:
         MotoRequestHandler,
         create_backend_app,
     )
+    from s3fs import S3FileSystem
     from werkzeug.serving import make_server
 
     counter = CountingApp(DomainDispatcherApplication(create_backend_app))
@@ -57,6 +58,9 @@ def s3_server() -> Iterator[tuple[str, CountingApp]]:
     env = {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
+    # fsspec caches filesystem instances by their arguments, not the endpoint they read from the
+    # environment: one made against an earlier server (another test's) would still talk to it.
+    S3FileSystem.clear_instance_cache()
     try:
         yield env["AWS_ENDPOINT_URL"], counter
     finally:
@@ -65,5 +69,6 @@ def s3_server() -> Iterator[tuple[str, CountingApp]]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        S3FileSystem.clear_instance_cache()
         server.shutdown()
         thread.join()
