@@ -214,21 +214,15 @@ class OutputStore:
             logger.warning("%s is not valid JSON; treating it as absent", path)
             return None
 
-    def done_record(self, shard_id: str) -> dict[str, Any] | None:
-        """The shard's done-record if the tar and records on disk still match it, else None."""
+    def _judge_done_record(
+        self, shard_id: str, tar: FileStat | None, parquet: FileStat | None
+    ) -> tuple[dict[str, Any] | None, DoneEntry | None, str | None]:
+        """Read the shard's done-record and check the tar and Parquet stats against it:
+        (the record, its planning entry, why the shard is not done; None when it is)."""
         record = self.read_json(self.done_path(shard_id))
         entry = entry_of(shard_id, record)
-        tar, records = self._stat(self.shard_path(shard_id)), self._stat(self.records_path(shard_id))
-        return record if entry is not None and mismatch(entry, tar, records) is None else None
-
-    def _stat(self, path: str) -> FileStat | None:
-        try:
-            if self.local:
-                result = os.stat(path)
-                return FileStat(result.st_size, mtime_ns=result.st_mtime_ns)
-            return remote_stat(self.fs.info(path))
-        except FileNotFoundError:
-            return None
+        problem = "done-record unreadable" if entry is None else mismatch(entry, tar, parquet)
+        return record, entry, problem
 
     def listing(self) -> Listing:
         """One listing each of ``shards/`` and ``records/``: basename → size and mtime/etag (None for
@@ -294,11 +288,9 @@ class OutputStore:
             if row is not None and key is not None and row[0] == key and not mismatch(row[1], tar, parquet):
                 done[shard_id] = row[1]
                 continue
-            record = self.read_json(self.done_path(shard_id))
-            entry = entry_of(shard_id, record)
+            record, entry, problem = self._judge_done_record(shard_id, tar, parquet)
             if record is not None and entry is not None and key is not None and row != (key, entry):
                 fresh[shard_id] = (key, record)
-            problem = "done-record unreadable" if entry is None else mismatch(entry, tar, parquet)
             if entry is not None and problem is None:
                 done[shard_id] = entry
             else:
@@ -333,11 +325,9 @@ class OutputStore:
                 if entry is not None and not mismatch(entry, tar, parquet):
                     done[shard_id] = row[1]
                     continue
-            record = self.read_json(self.done_path(shard_id))
+            record, _, problem = self._judge_done_record(shard_id, tar, parquet)
             if isinstance(record, dict) and key is not None and row != (key, record):
                 fresh[shard_id] = (key, record)
-            entry = entry_of(shard_id, record)
-            problem = "done-record unreadable" if entry is None else mismatch(entry, tar, parquet)
             if record is not None and problem is None:
                 done[shard_id] = record
             else:
