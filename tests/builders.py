@@ -10,6 +10,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from label_pipeline.cli import main
 from label_pipeline.core.tario import write_tar
 
 
@@ -60,3 +61,13 @@ def write_manifest(
     data = {"name": "test", "source": source, "output": str(output), "experts": experts, **extra}
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def label_toy_shard(root: Path, samples: list[dict[str, bytes]]) -> Path:
+    """``samples`` as one input shard, labelled by the real pipeline (edge:canny) into
+    ``root/labels/toy``; returns ``root/labels``, the label root the trainer reads."""
+    write_wds(root / "in" / "00000.tar", samples)
+    source = {"format": "webdataset", "path": str(root / "in" / "00000.tar")}
+    manifest = write_manifest(root / "m.yaml", source, root / "labels" / "toy", ["edge:canny"])
+    assert main(["run", str(manifest), "--no-progress"]) == 0
+    return root / "labels"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import image_bytes, write_manifest, write_wds
+from builders import image_bytes, label_toy_shard
 
-from label_pipeline.cli import main as label_pipeline
 from prismer_trainer.__main__ import main as trainer_cli
 from prismer_trainer.checkpoint import latest_checkpoint
 from prismer_trainer.train import LearningRate, TrainOptions, train
@@ -50,15 +49,7 @@ def toy_labels(tmp_path_factory) -> Path:
         for name, rgb in COLOURS.items()
         for shape in SHAPES
     ]
-    write_wds(root / "in" / "00000.tar", samples)
-    manifest = write_manifest(
-        root / "m.yaml",
-        {"format": "webdataset", "path": str(root / "in" / "00000.tar")},
-        root / "labels" / "toy",
-        ["edge:canny"],
-    )
-    assert label_pipeline(["run", str(manifest), "--no-progress"]) == 0
-    return root / "labels"
+    return label_toy_shard(root, samples)
 
 
 def toy_config(**changes) -> TrainConfig:

@@ -12,9 +12,8 @@ import types
 
 import numpy as np
 import pytest
-from builders import image_bytes, write_manifest, write_wds
+from builders import image_bytes, label_toy_shard
 
-from label_pipeline.cli import main as label_pipeline
 from prismer_trainer.__main__ import main as trainer_cli
 from prismer_trainer.train import TrainOptions, format_duration, train
 from prismer_trainer.train_config import stage_config
@@ -31,15 +30,7 @@ def labels(tmp_path_factory):
         image = np.full((48, 48, 3), 30, np.uint8)
         image[12:36, 12:36] = colour
         samples.append({"png": image_bytes(image, "PNG"), "txt": f"shape number {index}".encode()})
-    write_wds(root / "in" / "00000.tar", samples)
-    manifest = write_manifest(
-        root / "m.yaml",
-        {"format": "webdataset", "path": str(root / "in" / "00000.tar")},
-        root / "labels" / "toy",
-        ["edge:canny"],
-    )
-    assert label_pipeline(["run", str(manifest), "--no-progress"]) == 0
-    return root / "labels"
+    return label_toy_shard(root, samples)
 
 
 def config(**changes):
