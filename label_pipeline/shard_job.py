@@ -340,10 +340,9 @@ def _done_record(
     """Counts per status and per expert; the caller adds what the tar and records are."""
     statuses = Counter(row["status"] for row in rows)
     experts = dict((plan.previous or {}).get("experts", {}))
+    expert_statuses = [json.loads(row["expert_status"]) for row in rows]  # parsed once, not per task
     for task in plan.tasks:
-        outcomes: Counter[str] = Counter()
-        for row in rows:
-            outcomes.update([_expert_outcome(row, task)])
+        outcomes = Counter(status.get(task, "skipped") for status in expert_statuses)
         experts[task] = {
             "fingerprint": labeler.fingerprints[task],
             "ok": outcomes["ok"],
@@ -366,7 +365,3 @@ def _done_record(
     if input_error:
         record["input_error"] = input_error
     return record
-
-
-def _expert_outcome(row: dict[str, Any], task: str) -> str:
-    return json.loads(row["expert_status"]).get(task, "skipped")
