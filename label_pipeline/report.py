@@ -16,7 +16,6 @@ The numbers come from three places, cheapest first:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,7 +38,7 @@ from label_pipeline.core.tario import read_tar_samples
 from label_pipeline.inputs import list_folder
 from label_pipeline.label_stats import TaskStats, flags, merge_into, sample_stats
 from label_pipeline.output import OutputStore
-from label_pipeline.status import OutputStatus, output_status
+from label_pipeline.status import OutputStatus, expert_outcomes, output_status
 from label_pipeline.verify import describe
 
 logger = logging.getLogger(__name__)
@@ -181,14 +180,14 @@ def summarise_records(store: OutputStore, shard_ids: list[str]) -> RecordSummary
     summary.status = _value_counts(table.column("status"))
     # Few distinct expert_status strings exist (one per combination of outcomes): parse each once.
     for text, count in _value_counts(table.column("expert_status")).items():
-        for task, outcome in _expert_outcomes(text).items():
+        for task, outcome in expert_outcomes(text).items():
             summary.experts.setdefault(task, Counter())[outcome] += count
     failed = table.filter(pc.not_equal(table.column("status"), "ok"))
     for row in failed.to_pylist():
         summary.errors[(row["status"], row["error"] or "")] += 1
         summary.failures_by_shard[row["shard"]] += 1
         if len(summary.failures) < FAILED_STATUSES_KEPT:
-            outcomes = _expert_outcomes(row["expert_status"])
+            outcomes = expert_outcomes(row["expert_status"])
             summary.failures.append(
                 FailedSample(
                     row["shard"],
@@ -212,14 +211,6 @@ def _value_counts(column: pa.ChunkedArray) -> Counter:
             )
         }
     )
-
-
-def _expert_outcomes(text: str | None) -> dict[str, str]:
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return {str(t): str(s) for t, s in value.items()} if isinstance(value, dict) else {}
 
 
 # -- run statistics and commit times ----------------------------------------------------------------

@@ -366,19 +366,20 @@ def _sample_failures(store: OutputStore, shard_id: str) -> Iterator[Failure]:
         if row["status"] != "partial":
             yield Failure(shard_id, row["key"], None, row["status"], row["error"] or row["status"])
             continue
-        for task, outcome in sorted(_expert_outcomes(row["expert_status"]).items()):
+        for task, outcome in sorted(expert_outcomes(row["expert_status"]).items()):
             if outcome != "ok":
                 # the records keep each expert's status only; its message is in the sample's json
                 reason = f"{task} failed (its error is in {row['key']}.json of shards/{shard_id}.tar)"
                 yield Failure(shard_id, row["key"], task, outcome, reason)
 
 
-def _expert_outcomes(text: str | None) -> dict[str, str]:
+def expert_outcomes(text: str | None) -> dict[str, str]:
+    """A records row's ``expert_status`` (task → ok/error/skipped); {} when it is not a JSON object."""
     try:
-        outcomes = json.loads(text or "{}")
+        value = json.loads(text) if text else {}
     except ValueError:
         return {}
-    return outcomes if isinstance(outcomes, dict) else {}
+    return {str(t): str(s) for t, s in value.items()} if isinstance(value, dict) else {}
 
 
 def format_failures(listing: FailureList) -> str:
