@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +75,38 @@ def label_toy_shard(root: Path, samples: list[dict[str, bytes]]) -> Path:
     manifest = write_manifest(root / "m.yaml", source, root / "labels" / "toy", ["edge:canny"])
     assert main(["run", str(manifest), "--no-progress"]) == 0
     return root / "labels"
+
+
+def flip_byte(path: Path, offset: int, keep_mtime: bool = False) -> None:
+    """Invert one byte of ``path``; ``keep_mtime``: the way a disk corrupts it, same size and same
+    mtime, so that no stat can notice."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+# Runs the CLI in a fresh interpreter and reports that process's own peak RSS. VmHWM, not ru_maxrss:
+# ru_maxrss survives exec, so a child forked from a large pytest process would report the parent's
+# size; VmHWM belongs to the address space the child's exec created.
+_MEASURE_RUN = """
+import json, sys
+from label_pipeline.cli import main
+code = main(["run", sys.argv[1], "--no-progress"])
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+print(json.dumps({"code": code, "peak_kib": int(status[0])}))
+"""
+
+
+def peak_rss_kib_of_run(manifest: Path) -> int:
+    """Peak RSS (KiB) of ``label-pipeline run MANIFEST`` in a fresh interpreter, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE_RUN, str(manifest)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    return int(result["peak_kib"])

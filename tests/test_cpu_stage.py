@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import image_bytes, photo_samples, write_manifest, write_wds
+from builders import image_bytes, peak_rss_kib_of_run, photo_samples, write_manifest, write_wds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -290,15 +288,6 @@ def test_label_pngs_use_the_run_length_strategy():
 
 
 # -- flat memory ---------------------------------------------------------------------------------------
-# The CLI in a fresh interpreter, reporting that process's own peak RSS. VmHWM, not ru_maxrss:
-# ru_maxrss survives exec, so a child forked from a large pytest process would report the parent's.
-MEASURE = """
-import json, sys
-from label_pipeline.cli import main
-code = main(["run", sys.argv[1], "--no-progress"])
-status = open("/proc/self/status").read().split("VmHWM:")[1].split()
-print(json.dumps({"code": code, "peak_kib": int(status[0])}))
-"""
 SHARD = 2000
 
 
@@ -312,13 +301,7 @@ def tiny_run(folder: Path, samples: int) -> int:
     source = {"format": "webdataset", "path": f"{folder}/in/{{00000..{shards - 1:05d}}}.tar"}
     edge = {"name": "edge:canny", "options": {"batch_size": 256}}
     manifest = write_manifest(folder / "m.yaml", source, folder / "out", [edge])
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(manifest)], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0
-    return int(result["peak_kib"])
+    return peak_rss_kib_of_run(manifest)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from builders import gradient, image_bytes, photo_samples, write_manifest, write_wds
+from builders import flip_byte, gradient, image_bytes, photo_samples, write_manifest, write_wds
 from experts_for_tests import register_test_experts
 
 from label_pipeline.cli import main
@@ -44,15 +44,6 @@ def digests(out: Path) -> dict[str, str]:
     """sha256 of every tar and Parquet file of an output root."""
     files = sorted([*out.glob("shards/*.tar"), *out.glob("records/*.parquet")])
     return {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def flip_byte(path: Path, offset: int, keep_mtime: bool = False) -> None:
-    stat = path.stat()
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-    if keep_mtime:  # what silent disk corruption looks like: same size, same mtime
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 @pytest.fixture

@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from builders import photo_samples, write_manifest, write_wds
+from builders import peak_rss_kib_of_run, photo_samples, write_manifest, write_wds
 from PIL import Image
 
 from expert_zoo.canny import CannyEdge
@@ -29,16 +27,6 @@ from label_pipeline.core.decode import DecodedImage
 from label_pipeline.labeler import Labeler, WorkItem, chunked
 from label_pipeline.shard_job import _labelled_members, read_ahead
 
-# Runs the CLI in a fresh interpreter and reports that process's own peak RSS. VmHWM, not ru_maxrss:
-# ru_maxrss survives exec, so a child forked from a large pytest process would report the parent's
-# size; VmHWM belongs to the address space the child's exec created.
-MEASURE = """
-import json, sys
-from label_pipeline.cli import main
-code = main(["run", sys.argv[1], "--no-progress"])
-status = open("/proc/self/status").read().split("VmHWM:")[1].split()
-print(json.dumps({"code": code, "peak_kib": int(status[0])}))
-"""
 IMAGES = 10  # 10 × 180 MB of pixels: far over 2 GB when all are held, as chunking by count did
 
 
@@ -51,13 +39,7 @@ def test_shard_of_60_megapixel_images_stays_under_2_gb(tmp_path):
     manifest = write_manifest(
         tmp_path / "m.yaml", {"format": "webdataset", "path": str(shard)}, tmp_path / "out", ["edge:canny"]
     )
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(manifest)], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["code"] == 0
-    peak_gb = result["peak_kib"] * 1024 / 1e9
+    peak_gb = peak_rss_kib_of_run(manifest) * 1024 / 1e9
     assert peak_gb < 2.0, f"peak RSS {peak_gb:.2f} GB"
     record = json.loads((tmp_path / "out" / "records" / "00000.done.json").read_text())
     assert record["samples"] == record["ok"] == IMAGES

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import photo_samples, write_manifest, write_wds
+from builders import flip_byte, photo_samples, write_manifest, write_wds
 from PIL import Image
 
 from label_pipeline.cli import main
@@ -146,9 +146,10 @@ def test_task_statistics_from_members():
 def test_report_survives_damage_that_keeps_size_and_mtime(tmp_path, capsys):
     out = tmp_path / "out"
     _bench_module().build_output(out, samples=60, shards=3, size=(32, 48), with_stats=False)
-    _flip_byte(out / "shards" / "00001.tar", 100)  # inside the first header: the tar does not read
+    # Inside the first header, the tar does not read; in the closing Parquet magic, the records do not.
+    flip_byte(out / "shards" / "00001.tar", 100, keep_mtime=True)
     parquet = out / "records" / "00002.parquet"
-    _flip_byte(parquet, parquet.stat().st_size - 1)  # the closing Parquet magic: the records do not read
+    flip_byte(parquet, parquet.stat().st_size - 1, keep_mtime=True)
     html = tmp_path / "r.html"
     assert main(["report", str(out), "--out", str(html), "--samples", "60"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -163,14 +164,6 @@ def test_report_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "_run.json" in err and "--samples must be 0 or more" in err
     assert not (tmp_path / "r.html").exists()
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    before = path.stat()
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 # -- a real browser -------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ bytes of a clean run back).
 
 import hashlib
 import json
-import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from builders import gradient, image_bytes, photo_samples, write_manifest, write_wds
+from builders import flip_byte, gradient, image_bytes, photo_samples, write_manifest, write_wds
 from PIL import Image
 
 from label_pipeline.cli import main
@@ -47,16 +46,6 @@ def digests(out: Path) -> dict[str, str]:
 
 def problem_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("PROBLEM ")]
-
-
-def flip_byte_keeping_stat(path: Path, offset: int) -> None:
-    """Corrupt one byte the way a disk does: same size, same mtime, so no stat can notice."""
-    before = path.stat()
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
 
 
 def rewrite_member(tar_path: Path, member: str, data: bytes) -> None:
@@ -122,7 +111,7 @@ def test_verify_reports_each_damaged_shard_once_and_checks_the_rest(tmp_path, ca
 def test_verify_repair_brings_back_the_bytes_of_a_clean_run(tmp_path, capsys):
     out = label(tmp_path, 2)
     clean = digests(out)
-    flip_byte_keeping_stat(out / "shards" / "00000.tar", 700)  # inside the first member's data
+    flip_byte(out / "shards" / "00000.tar", 700, keep_mtime=True)  # inside the first member's data
     (out / "records" / "00001.parquet").write_bytes(b"garbage, not a parquet file")
     capsys.readouterr()
 
